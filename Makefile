@@ -1,0 +1,50 @@
+# `make demo` and `make test` set up whatever is missing (the .venv, the fixtures)
+# and then run; nothing outside this folder is needed but the package registry.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+RENDERQA := $(VENV)/bin/renderqa
+INSTALLED := $(VENV)/.installed
+FIXTURES := fixtures/build/.built
+DEMO_OUT := demo-out
+
+.PHONY: all venv fixtures test lint demo bench clean
+
+all: test
+
+venv: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+fixtures: $(FIXTURES)
+
+$(FIXTURES): $(INSTALLED) $(wildcard fixtures/*.py)
+	$(PY) -m fixtures.build --out fixtures/build
+	touch $@
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint $(FIXTURES)
+	$(VENV)/bin/pytest
+
+demo: $(FIXTURES) demo-render
+
+demo-render: $(FIXTURES)
+	$(RENDERQA) render "a red mug on a white background" \
+		--model fixtures/build/tiny-sdxl-eps --seeds 0-1 --steps 8 \
+		--width 64 --height 64 --guidance-scale 9 --guidance-rescale 0.7 \
+		--out $(DEMO_OUT)/render
+
+bench: $(FIXTURES)
+	@for script in tests/benchmarks/bench_*.py; do \
+		echo "== $$script"; $(PY) $$script || exit 1; \
+	done
+
+clean:
+	rm -rf fixtures/build $(DEMO_OUT)

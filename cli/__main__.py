@@ -1,0 +1,5 @@
+"""Allow `python -m renderqa.cli`."""
+
+from renderqa.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Shared routines of renderqa: pure functions and result dataclasses, no CLI code."""

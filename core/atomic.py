@@ -1,0 +1,62 @@
+"""Atomic file output: write to a temporary file in the target folder, then rename.
+
+A reader (or a crash) never sees a half-written file, because `os.replace` within
+one folder is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` on success.
+
+    The temporary file is removed if the body raises, so nothing partial is left.
+    """
+    target = Path(target)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+    )
+    os.close(fd)
+    tmp_path = Path(tmp_name)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `target` atomically."""
+    with atomic_path(target) as tmp_path:
+        tmp_path.write_bytes(data)
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 `text` to `target` atomically."""
+    write_bytes_atomic(target, text.encode("utf-8"))
+
+
+def append_line_durably(target: str | os.PathLike[str], line: str) -> None:
+    """Append one whole line to `target` with a single write, then fsync.
+
+    One `write` call of a line under the pipe buffer size lands whole or not at all
+    on local filesystems, so a crash leaves only whole lines; readers must still
+    ignore a final line without a newline in case the disk filled up.
+    """
+    if not line.endswith("\n"):
+        line += "\n"
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)

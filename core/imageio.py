@@ -1,0 +1,158 @@
+"""Reading images into float arrays and writing PNGs atomically with metadata.
+
+Arrays are (H, W, C) float32 in [0, 1], sRGB as stored in the file (no colour
+management); C is 3 for colour and 1 for greyscale. Alpha is kept apart because
+models see three channels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from renderqa.core.atomic import atomic_path
+from renderqa.core.errors import ImageReadError
+
+# Pillow's own default limit (about 89.5 megapixels) warns rather than fails below
+# twice that; renderqa fails at the limit so a decompression bomb never decodes.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+
+
+@dataclass
+class LoadedImage:
+    """An image file decoded to float arrays, with what is needed to write it back."""
+
+    path: Path
+    pixels: np.ndarray  # (H, W, 3) or (H, W, 1) float32 in [0, 1]
+    alpha: np.ndarray | None  # (H, W) float32 in [0, 1], or None
+    bit_depth: int  # 8 or 16: the precision of the source samples
+    mode: str  # Pillow mode of the file before conversion
+    icc_profile: bytes | None
+    info: dict
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+
+def load_image(
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> LoadedImage:
+    """Decode an image file, apply its EXIF orientation and split off alpha.
+
+    Raises ImageReadError for a missing, zero-byte, truncated or non-image file, and
+    for an image above `max_pixels` (checked from the header, before decoding).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {width}x{height} is above the limit of {max_pixels} "
+                    "pixels (a possible decompression bomb); raise the limit if the "
+                    "file is trusted"
+                )
+            image.load()
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
+    except Image.DecompressionBombWarning as error:
+        raise ImageReadError(
+            f"{path}: rejected as a decompression bomb ({error})"
+        ) from None
+    return _to_loaded_image(path, image)
+
+
+def _to_loaded_image(path: Path, image: Image.Image) -> LoadedImage:
+    mode = image.mode
+    icc_profile = image.info.get("icc_profile")
+    info = dict(image.info)
+    image = ImageOps.exif_transpose(image)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in {"1", "CMYK", "YCbCr", "LAB", "HSV"}:
+        image = image.convert("RGB")
+    elif mode == "PA":
+        image = image.convert("RGBA")
+
+    alpha = None
+    bit_depth = 8
+    if image.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
+        samples = np.asarray(image, dtype=np.float64)
+        pixels = (np.clip(samples, 0, 65535) / 65535.0)[..., None]
+        bit_depth = 16
+    elif image.mode == "F":
+        pixels = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)[..., None]
+        bit_depth = 16
+    else:
+        if image.mode in {"RGBA", "LA"}:
+            alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+            image = image.convert("RGB" if image.mode == "RGBA" else "L")
+        samples = np.asarray(image, dtype=np.float32) / 255.0
+        pixels = samples[..., None] if samples.ndim == 2 else samples
+    return LoadedImage(
+        path=path,
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        alpha=alpha,
+        bit_depth=bit_depth,
+        mode=mode,
+        icc_profile=icc_profile,
+        info=info,
+    )
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Quantise [0, 1] floats to uint8 with round-half-to-even, clipping out-of-range."""
+    return np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def save_png(
+    path: str | os.PathLike[str],
+    image: Image.Image,
+    text: dict[str, str] | None = None,
+    icc_profile: bytes | None = None,
+) -> None:
+    """Write `image` as a PNG atomically, with tEXt/iTXt chunks from `text`.
+
+    Pillow writes no timestamp chunk, so the same pixels and text give the same bytes.
+    """
+    metadata = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        if value.isascii():
+            metadata.add_text(key, value)
+        else:
+            metadata.add_itxt(key, value)
+    with atomic_path(path) as tmp_path:
+        image.save(tmp_path, format="PNG", pnginfo=metadata, icc_profile=icc_profile)
+
+
+def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Return the tEXt/iTXt chunks of a PNG as a dict."""
+    with Image.open(path) as image:
+        return dict(getattr(image, "text", {}))
+
+
+def read_json_chunk(path: str | os.PathLike[str], key: str) -> dict | None:
+    """Return the JSON object stored in PNG text chunk `key`, or None if absent."""
+    raw = read_png_text(path).get(key)
+    return None if raw is None else json.loads(raw)
