@@ -1,4 +1,4 @@
-"""Parsing of sweep axis values: exact decimals, integer seed ranges, thresholds.
+"""Parsing of sweep axis values: exact decimals and thresholding choices.
 
 Decimal values are parsed with `decimal.Decimal` and kept as their canonical string,
 so `0.3` is stored and reported as `0.3`, never as 0.30000000000000004. A range
@@ -22,7 +22,6 @@ MAX_AXIS_VALUES = 1000
 _DECIMAL_RANGE = re.compile(
     r"^(?P<start>[^-:]+)-(?P<stop>[^-:]+)(?::(?P<step>[^-:]+))?$"
 )
-_SEED_RANGE = re.compile(r"^(?P<start>\d+)-(?P<stop>\d+)$")
 
 
 def _parse_decimal(text: str, option: str) -> Decimal:
@@ -94,41 +93,6 @@ def parse_decimal_list(text: str, option: str) -> tuple[str, ...]:
         step = _parse_decimal(match["step"], option)
         values.extend(_expand_decimal_range(start, stop, step, option, item))
     return _unique_strings((canonical_decimal(value) for value in values), option)
-
-
-def parse_seed_list(text: str, option: str = "--seeds") -> tuple[int, ...]:
-    """Parse "3", "0-3" or "1,5,9" (or a mix) into non-negative integer seeds."""
-    items = [item.strip() for item in str(text).split(",")]
-    if not any(items):
-        raise InvalidInputError(f"{option}: no seeds given; write e.g. 0-3 or 1,5,9")
-    seeds: list[int] = []
-    for item in items:
-        if item.isdigit():
-            seeds.append(int(item))
-            continue
-        match = _SEED_RANGE.match(item)
-        if match is None:
-            raise InvalidInputError(
-                f"{option}: {item!r} is not a seed or a seed range; write non-negative "
-                "integers like 0-3 or 1,5,9"
-            )
-        start, stop = int(match["start"]), int(match["stop"])
-        if stop < start:
-            raise InvalidInputError(
-                f"{option}: range {item!r} runs backwards; write {stop}-{start}"
-            )
-        if stop - start + 1 > MAX_AXIS_VALUES:
-            raise InvalidInputError(
-                f"{option}: range {item!r} gives {stop - start + 1} seeds, above the "
-                f"limit of {MAX_AXIS_VALUES}"
-            )
-        seeds.extend(range(start, stop + 1))
-    if len(set(seeds)) != len(seeds):
-        duplicate = next(seed for seed in seeds if seeds.count(seed) > 1)
-        raise InvalidInputError(f"{option}: seed {duplicate} is listed twice")
-    if any(seed >= 2**63 for seed in seeds):
-        raise InvalidInputError(f"{option}: seeds must be below 2**63")
-    return tuple(seeds)
 
 
 def _unique_strings(values: Iterable[str], option: str) -> tuple[str, ...]:

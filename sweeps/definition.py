@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from renderqa.core.errors import InvalidInputError
+from renderqa.core.ranges import parse_seeds
+from renderqa.core.schedulers import check_scheduler_name
 from renderqa.sweeps.axes import (
+    MAX_AXIS_VALUES,
     ThresholdChoice,
     canonical_decimal,
     check_guidance_values,
     check_rescale_values,
     parse_decimal_list,
-    parse_seed_list,
     parse_threshold_list,
 )
 
@@ -92,9 +94,9 @@ class SweepDefinition:
     thresholds: tuple[ThresholdChoice, ...]
     negative_prompt: str = ""
     steps: int = 30
-    width: int = 1024
-    height: int = 1024
-    scheduler: str = "euler"
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    scheduler: str = "default"
     vae: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -320,6 +322,10 @@ def _positive_int(value: Any, option: str, multiple_of: int = 1) -> int:
     return number
 
 
+def _optional_size(value: Any, option: str) -> int | None:
+    return None if value is None else _positive_int(value, option, 8)
+
+
 def build_definition(settings: dict[str, Any]) -> SweepDefinition:
     """Validate merged settings (file values replaced by given options) into a definition."""
     if not settings.get("model"):
@@ -340,7 +346,13 @@ def build_definition(settings: dict[str, Any]) -> SweepDefinition:
         "--guidance-rescale",
     )
     check_rescale_values(rescales)
-    seeds = parse_seed_list(_as_list_text(settings.get("seeds", DEFAULT_SEEDS)))
+    seeds = tuple(parse_seeds(_as_list_text(settings.get("seeds", DEFAULT_SEEDS))))
+    if len(seeds) > MAX_AXIS_VALUES:
+        raise InvalidInputError(
+            f"--seeds: {len(seeds)} seeds is above the limit of {MAX_AXIS_VALUES}"
+        )
+    scheduler = str(settings.get("scheduler") or "default")
+    check_scheduler_name(scheduler)
     thresholds = parse_threshold_list(settings.get("threshold") or "off")
 
     resize = str(settings.get("clip_resize") or "pad").lower()
@@ -366,9 +378,9 @@ def build_definition(settings: dict[str, Any]) -> SweepDefinition:
         thresholds=thresholds,
         negative_prompt=str(settings.get("negative_prompt") or ""),
         steps=_positive_int(settings.get("steps", 30), "--steps"),
-        width=_positive_int(settings.get("width", 1024), "--width", 8),
-        height=_positive_int(settings.get("height", 1024), "--height", 8),
-        scheduler=str(settings.get("scheduler") or "euler"),
+        width=_optional_size(settings.get("width"), "--width"),
+        height=_optional_size(settings.get("height"), "--height"),
+        scheduler=scheduler,
         vae=str(settings["vae"]) if settings.get("vae") else None,
         device=str(settings.get("device") or "auto"),
         dtype=str(settings.get("dtype") or "auto"),

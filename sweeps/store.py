@@ -106,24 +106,36 @@ class SweepStore:
         self.results_path = folder / RESULTS_NAME
         self.manifest_path = folder / MANIFEST_NAME
 
-    def open(self, overwrite: bool) -> dict[str, dict[str, str]]:
-        """Create or resume the folder; return the finished rows by point id.
+    def check(self, overwrite: bool) -> dict[str, dict[str, str]]:
+        """Check the folder without changing it; return the finished rows by point id.
 
-        Raises InvalidInputError if the folder holds a different sweep or foreign
-        files (unless `overwrite`), and OutputError if it cannot be written.
+        Runs before any model loads, so a bad folder fails fast and an --overwrite
+        run that fails to load its models has not cleared anything yet. Raises
+        InvalidInputError for a different sweep or foreign files (unless
+        `overwrite`), and OutputError for a folder that cannot be written.
         """
         self._check_writable()
         if overwrite:
+            return {}
+        self._check_same_sweep()
+        if not self.results_path.exists():
+            return {}
+        return self._read_finished_rows(repair=False)
+
+    def open(self, overwrite: bool) -> dict[str, dict[str, str]]:
+        """Create or resume the folder; return the finished rows by point id."""
+        finished = self.check(overwrite)
+        if overwrite:
             self.clear()
-        else:
-            self._check_same_sweep()
         # The manifest comes first: a folder with outputs but no manifest is foreign.
         if not self.manifest_path.exists():
             self._write_manifest()
-        if not self.results_path.exists():
+        if self.results_path.exists():
+            finished = self._read_finished_rows(repair=True)
+        else:
             write_text_atomic(self.results_path, header_line())
         (self.folder / IMAGES_DIR).mkdir(exist_ok=True)
-        return self._read_finished_rows()
+        return finished
 
     def append(self, row: dict[str, Any]) -> None:
         """Append one finished image's row durably."""
@@ -196,10 +208,10 @@ class SweepStore:
         }
         write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
 
-    def _read_finished_rows(self) -> dict[str, dict[str, str]]:
+    def _read_finished_rows(self, repair: bool) -> dict[str, dict[str, str]]:
         raw = self.results_path.read_text(encoding="utf-8")
         whole, _, torn = raw.rpartition("\n")
-        if torn:
+        if torn and repair:
             logger.warning(
                 "dropping a torn final line of %s (%d characters); that image is "
                 "rendered again",
