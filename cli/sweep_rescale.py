@@ -87,21 +87,23 @@ def _warn_about_axes(definition: SweepDefinition) -> None:
 def _results_table(outcome: SweepOutcome, tolerance: Decimal) -> Table:
     table = Table(
         title=f"sweep-rescale: {outcome.folder}",
-        caption=f"* lowest saturation with CLIP within {tolerance}% of rescale 0 "
-        "at the same guidance scale; CI = 95% t interval",
+        caption=f"* least saturated setting whose CLIP cosine is within {tolerance}% "
+        "of rescale 0 at the same guidance scale; sat = saturated pixels; "
+        "CI = 95% t interval",
     )
-    for name in (
+    headers = (
         "",
-        "guidance_scale",
+        "scale",
         "threshold",
-        "guidance_rescale",
-        "images",
-        "saturated %",
-        "saturated % CI",
-        "CLIP cosine",
-        "CLIP change %",
+        "rescale",
+        "n",
+        "sat %",
+        "sat % CI",
+        "CLIP cos",
+        "CLIP chg %",
         "std ratio",
-    ):
+    )
+    for name in headers:
         table.add_column(name, justify="left" if name == "threshold" else "right")
     for summary in outcome.summaries:
         saturation = summary.metrics["saturated_fraction"]
@@ -127,7 +129,7 @@ def _number(value: float, digits: int) -> str:
 
 
 def _interval(low: float, high: float) -> str:
-    return "" if math.isnan(low) else f"{low:.3f} to {high:.3f}"
+    return "" if math.isnan(low) else f"{low:.2f}..{high:.2f}"
 
 
 @report_errors
@@ -169,7 +171,8 @@ def command(
     threshold: str | None = typer.Option(
         None,
         "--threshold",
-        help="Thresholding choices: off, latent:PERCENTILE:MIMIC_SCALE[:per-channel] "
+        help="Thresholding choices: off, pixel:PERCENTILE, "
+        "latent:PERCENTILE:MIMIC_SCALE[:per-channel] "
         "(default off).",
     ),
     steps: int | None = typer.Option(

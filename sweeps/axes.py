@@ -126,11 +126,12 @@ def check_guidance_values(values: Iterable[str], option: str = "--guidance-scale
 
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """One value of the thresholding axis: `off`, or latent thresholding settings.
+    """One value of the thresholding axis.
 
-    The text form is `off` or `latent:PERCENTILE:MIMIC_SCALE[:per-channel]`, for
-    example `latent:0.995:3` (the percentile of |denoised| per sample, and the lower
-    guidance scale whose statistics the guided x0 is renormalised to).
+    Text forms: `off`; `pixel:PERCENTILE` (Imagen's rule on a [-1, 1] x0 estimate);
+    `latent:PERCENTILE:MIMIC_SCALE[:per-channel]`, for example `latent:0.995:3`,
+    which renormalises the guided x0 to the range that the lower mimic guidance
+    scale would give.
     """
 
     label: str
@@ -144,45 +145,54 @@ class ThresholdChoice:
         return self.mode is None
 
 
-THRESHOLD_MODES = ("latent",)
+THRESHOLD_USAGE = (
+    "write off, pixel:PERCENTILE or latent:PERCENTILE:MIMIC_SCALE[:per-channel], "
+    "e.g. latent:0.995:3"
+)
 
 
 def parse_threshold(text: str, option: str = "--threshold") -> ThresholdChoice:
-    """Parse one thresholding choice; see ThresholdChoice for the text form."""
+    """Parse one thresholding choice; see ThresholdChoice for the text forms."""
     item = text.strip().lower()
     if item in {"off", "none"}:
         return ThresholdChoice(label="off", mode=None)
     parts = item.split(":")
-    usage = (
-        "write off or MODE:PERCENTILE:MIMIC_SCALE[:per-channel], e.g. latent:0.995:3"
+    valid_shape = (parts[0] == "pixel" and len(parts) == 2) or (
+        parts[0] == "latent" and len(parts) in (3, 4)
     )
-    if len(parts) not in (3, 4) or parts[0] not in THRESHOLD_MODES:
-        raise InvalidInputError(f"{option}: {text.strip()!r} is not valid; {usage}")
+    if not valid_shape:
+        raise InvalidInputError(
+            f"{option}: {text.strip()!r} is not valid; {THRESHOLD_USAGE}"
+        )
     per_channel = len(parts) == 4
     if per_channel and parts[3] != "per-channel":
         raise InvalidInputError(
             f"{option}: {text.strip()!r} ends in {parts[3]!r}; the only flag is "
-            f"per-channel; {usage}"
+            f"per-channel; {THRESHOLD_USAGE}"
         )
     percentile = _parse_decimal(parts[1], option)
-    mimic_scale = _parse_decimal(parts[2], option)
     if not Decimal(0) < percentile <= Decimal(1):
         raise InvalidInputError(
             f"{option}: percentile {parts[1]} in {text.strip()!r} must be in (0, 1], "
             "e.g. 0.995"
         )
+    percentile_text = canonical_decimal(percentile)
+    if parts[0] == "pixel":
+        return ThresholdChoice(
+            label=f"pixel:{percentile_text}", mode="pixel", percentile=percentile_text
+        )
+    mimic_scale = _parse_decimal(parts[2], option)
     if mimic_scale < 1:
         raise InvalidInputError(
             f"{option}: mimic scale {parts[2]} in {text.strip()!r} must be 1 or more"
         )
-    percentile_text = canonical_decimal(percentile)
     mimic_text = canonical_decimal(mimic_scale)
-    label = f"{parts[0]}:{percentile_text}:{mimic_text}"
+    label = f"latent:{percentile_text}:{mimic_text}"
     if per_channel:
         label += ":per-channel"
     return ThresholdChoice(
         label=label,
-        mode=parts[0],
+        mode="latent",
         percentile=percentile_text,
         mimic_scale=mimic_text,
         per_channel=per_channel,

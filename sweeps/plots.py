@@ -53,9 +53,9 @@ def plot_saturation_vs_clip(
             yerr=y_err,
             fmt="o",
             color=colour,
-            ecolor=colour,
-            alpha=0.9,
-            capsize=3,
+            ecolor=(*colour[:3], 0.35),
+            elinewidth=1,
+            capsize=2,
             label=f"guidance_scale {scale}",
         )
         for summary, x_value, y_value in zip(members, x, y, strict=True):

@@ -92,7 +92,11 @@ def make_request(definition: SweepDefinition, point: SweepPoint, default_size: i
         threshold = ThresholdSettings(
             mode=point.threshold.mode,
             percentile=float(point.threshold.percentile),
-            mimic_scale=float(point.threshold.mimic_scale),
+            mimic_scale=(
+                float(point.threshold.mimic_scale)
+                if point.threshold.mimic_scale is not None
+                else None
+            ),
             per_channel=point.threshold.per_channel,
         )
     return RenderRequest(
@@ -241,7 +245,7 @@ def _constant_columns(
         "negative_prompt": definition.negative_prompt,
         # diffusers' rescale (and renderqa's) acts on the raw model output, so the
         # space is the model's prediction type: epsilon or v_prediction.
-        "rescale_space": loaded.prediction_type,
+        "rescale_space": f"model output ({loaded.prediction_type})",
         "num_inference_steps": definition.steps,
         "width": definition.width or loaded.default_size,
         "height": definition.height or loaded.default_size,

@@ -94,18 +94,22 @@ def test_decimal_list_rejects_malformed_input(text, fragment):
 
 
 def test_threshold_labels_are_canonical():
-    choices = parse_threshold_list("off,latent:0.9950:3.0,latent:0.99:2:per-channel")
+    choices = parse_threshold_list(
+        "off,latent:0.9950:3.0,latent:0.99:2:per-channel,pixel:0.995"
+    )
     assert [c.label for c in choices] == [
         "off",
         "latent:0.9950:3.0",
         "latent:0.99:2:per-channel",
+        "pixel:0.995",
     ]
     assert choices[0].is_off
     assert choices[2].per_channel
 
 
 @pytest.mark.parametrize(
-    "text", ["pixel:0.99:3", "latent:0.99", "latent:1.5:3", "latent:0.99:0.5"]
+    "text",
+    ["pixel:0.99:3", "latent:0.99", "latent:1.5:3", "latent:0.99:0.5", "clip:0.9"],
 )
 def test_threshold_rejects_invalid_choice(text):
     with pytest.raises(InvalidInputError):
