@@ -257,7 +257,7 @@ def command(
     tolerance_percent = _parse_tolerance(tolerance)
     _warn_about_axes(definition)
 
-    with Progress(
+    progress = Progress(
         TextColumn("[bold]sweep-rescale"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -267,18 +267,20 @@ def command(
         TextColumn("left"),
         TimeRemainingColumn(),
         console=stderr_console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("sweep", total=None)
+    )
+    task = progress.add_task("sweep", total=None)
 
-        def report(done: int, total: int) -> None:
-            if progress.tasks[0].total is None:
-                # The first call carries the resumed count; a reset keeps it out
-                # of the rate and the time-left estimate.
-                progress.reset(task, total=total, completed=done)
-            else:
-                progress.update(task, completed=done)
+    def report(done: int, total: int) -> None:
+        # The bar starts with the first report, after the folder checks and model
+        # loads, so an early error is not printed under an empty bar. The first
+        # report carries the resumed count: a reset keeps it out of the rate.
+        if progress.tasks[0].total is None:
+            progress.start()
+            progress.reset(task, total=total, completed=done)
+        else:
+            progress.update(task, completed=done)
 
+    try:
         outcome = run_sweep(
             definition,
             out,
@@ -288,6 +290,8 @@ def command(
             tolerance_percent=tolerance_percent,
             progress=report,
         )
+    finally:
+        progress.stop()
 
     stdout_console.print(_results_table(outcome, tolerance_percent))
     stdout_console.print(
