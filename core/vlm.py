@@ -24,13 +24,19 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from renderqa.core.atomic import append_line_durably, write_text_atomic
-from renderqa.core.errors import ImageReadError, InvalidInputError, RemoteError
+from renderqa.core.errors import (
+    ImageReadError,
+    InvalidInputError,
+    OutputError,
+    RemoteError,
+)
 from renderqa.core.vlm_client import (
     CallError,
     ChatClient,
@@ -167,6 +173,10 @@ class _Job:
         self.rows = read_rows(self.jsonl_path)
         self.latest = latest_rows(self.rows)
         self.last_csv_write = 0.0
+        # One writer thread keeps fsync off the event loop, where it would stall
+        # every request in flight, and keeps the file writes in call order.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdicts")
+        self.writes: list[Future] = []
         self.done = 0
         self.source: EncodedImage | None = None
         self.source_sha256: str | None = None
@@ -199,17 +209,21 @@ class _Job:
         for unit in units:
             queue.put_nowait(unit)
         stopped = None
-        async with ChatClient(endpoint, retry, self.redactor, sleep, rng) as client:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for _ in range(min(endpoint.concurrency, len(units))):
-                        group.create_task(self._worker(queue, client))
-            except* STOP_ERRORS as errors:
-                stopped = errors.exceptions[0]
+        try:
+            async with ChatClient(endpoint, retry, self.redactor, sleep, rng) as client:
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        for _ in range(min(endpoint.concurrency, len(units))):
+                            group.create_task(self._worker(queue, client))
+                except* STOP_ERRORS as errors:
+                    stopped = errors.exceptions[0]
+        finally:
+            # 4. Final views of the rows, whatever ended the run.
+            self._write_views(force=True)
+            self.writer.shutdown(wait=True)
+            self._check_writes()
 
-        # 4. Final views of the rows, then the report.
         report = self._report(skipped, stopped)
-        self._write_views(force=True)
         if stopped is not None:
             unfinished = sum(1 for unit in units if not self._is_finished(*unit))
             logger.error("run stopped; %d unit(s) left for a rerun", unfinished)
@@ -386,7 +400,10 @@ class _Job:
         public.setdefault("image_sha256", encoded.sha256 if encoded else None)
         public["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         line = self.redactor.text(json.dumps(public, ensure_ascii=False))
-        append_line_durably(self.jsonl_path, line)
+        self._check_writes()
+        self.writes.append(
+            self.writer.submit(append_line_durably, self.jsonl_path, line)
+        )
         public = json.loads(line)
         self.rows.append(public)
         self.latest[row_key(public)] = public
@@ -405,12 +422,31 @@ class _Job:
             return
         self.last_csv_write = now
         out_dir = self.settings.out_dir
-        rows = list(self.latest.values())
-        write_text_atomic(
-            out_dir / "verdicts.csv", verdicts_csv(rows, self.settings.rubric)
-        )
+        views = {
+            out_dir / "verdicts.csv": verdicts_csv(
+                self.latest.values(), self.settings.rubric
+            )
+        }
         if self.settings.mode == "panel":
-            write_text_atomic(out_dir / "panel.csv", panel_csv(self._panel()))
+            views[out_dir / "panel.csv"] = panel_csv(self._panel())
+        for path, text in views.items():
+            self.writes.append(self.writer.submit(write_text_atomic, path, text))
+
+    def _check_writes(self) -> None:
+        """Raise OutputError for the first failed file write, dropping finished ones."""
+        pending = []
+        for write in self.writes:
+            if not write.done():
+                pending.append(write)
+                continue
+            try:
+                write.result()
+            except OSError as error:
+                raise OutputError(
+                    f"cannot write to {self.settings.out_dir} ({error}); rerun after "
+                    "fixing it to resume"
+                ) from None
+        self.writes = pending
 
     def _job_rows(self) -> list[dict[str, Any]]:
         keys = [(image, model or FALLBACK_KEY) for image, model in self._units()]

@@ -139,7 +139,7 @@ class ScriptedServer:
         self._jobs: dict[str, list] = {}
         self._job_ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.05,), daemon=True
@@ -213,6 +213,12 @@ class ScriptedServer:
                 "result": result,
             }
         )
+
+
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog of 5 resets connections when 16 clients connect
+    # at once.
+    request_queue_size = 128
 
 
 def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
