@@ -240,24 +240,25 @@ def displayed_pixels(pixels: np.ndarray) -> np.ndarray:
 # Latents ------------------------------------------------------------------------
 
 
-def check_latents_fit(latents: torch.Tensor, vae, source: str) -> None:
+def check_latents_fit(
+    latents: torch.Tensor, vae, vae_source: str, latents_name: str = "latents"
+) -> None:
     """Raise InvalidInputError unless `latents` are (1, C, h, w) with the VAE's C."""
     channels = vae.config.latent_channels
-    expected = f"(1, {channels}, h, w)"
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise InvalidInputError(
-            f"{source}: latents of shape {tuple(latents.shape)} do not fit the VAE, "
-            f"which expects {expected}; pass the .latents.safetensors file that "
-            "render --save-latents wrote for one image"
+            f"{latents_name}: latents of shape {tuple(latents.shape)} do not fit the "
+            f"VAE {vae_source}, which expects (1, {channels}, h, w); pass the "
+            ".latents.safetensors file that render --save-latents wrote for one image"
         )
     if latents.shape[1] != channels:
         raise InvalidInputError(
-            f"{source}: latents have {latents.shape[1]} channels but the VAE expects "
-            f"{channels}; pass the VAE of the model that made them"
+            f"{latents_name}: latents have {latents.shape[1]} channels but the VAE "
+            f"{vae_source} expects {channels}; pass the VAE of the model that made them"
         )
     if not latents.is_floating_point():
         raise InvalidInputError(
-            f"{source}: latents are {latents.dtype}, not floating point"
+            f"{latents_name}: latents are {latents.dtype}, not floating point"
         )
 
 
@@ -854,6 +855,7 @@ def probe_vae(
     min_psnr: float = DEFAULT_MIN_PSNR,
     tile_size: int | None = None,
     timing: bool = True,
+    latents_name: str = "latents",
     progress: ProgressCallback | None = None,
 ) -> ProbeReport:
     """Probe every (VAE, dtype) pair on `latents` and diagnose the result.
@@ -864,7 +866,7 @@ def probe_vae(
     latents, decode each pair, compare against the reference, diagnose.
     """
     for vae, source in vaes.values():
-        check_latents_fit(latents, vae, source)
+        check_latents_fit(latents, vae, source, latents_name)
     check_dtypes_run(device, dtypes)
 
     latent_stats = latent_statistics(latents, scaling_factor)
@@ -942,6 +944,61 @@ def read_latents_file(path: Path) -> tuple[torch.Tensor, dict]:
             f"{path}: the 'renderqa' metadata is not valid JSON"
         ) from None
     return latents, parameters if isinstance(parameters, dict) else {}
+
+
+def replay_render(
+    parameters: dict,
+    *,
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Render again from a renderqa parameters record; return the final latents.
+
+    `parameters` is the JSON that render stores in a PNG (prompt, seed, steps, size,
+    guidance, threshold, model, vae, scheduler, dtype). `model` and `dtype` replace
+    the recorded ones. Latents come back (1, C, h, w) in the UNet's space, on the CPU.
+    """
+    from renderqa.core.pipeline import load_pipeline
+    from renderqa.core.render import (
+        RenderRequest,
+        ThresholdSettings,
+        check_request,
+        render_batch,
+    )
+
+    model = model or parameters.get("model")
+    missing = [key for key in ("prompt", "seed") if key not in parameters]
+    if not model:
+        missing.append("model")
+    if missing:
+        raise InvalidInputError(
+            f"the render record lacks {', '.join(missing)}, so it cannot be replayed; "
+            "pass the .latents.safetensors file instead"
+        )
+    threshold = parameters.get("threshold")
+    request = RenderRequest(
+        prompt=parameters["prompt"],
+        seed=int(parameters["seed"]),
+        negative_prompt=parameters.get("negative_prompt") or "",
+        steps=int(parameters.get("steps", 30)),
+        width=parameters.get("width"),
+        height=parameters.get("height"),
+        guidance_scale=float(parameters.get("guidance_scale", 7.5)),
+        guidance_rescale=float(parameters.get("guidance_rescale", 0.0)),
+        threshold=ThresholdSettings(**threshold) if threshold else None,
+    )
+    check_request(request)
+    loaded = load_pipeline(
+        model,
+        vae=parameters.get("vae"),
+        device=device,
+        dtype=dtype or parameters.get("dtype") or "auto",
+        scheduler=parameters.get("scheduler") or "default",
+    )
+    result = render_batch(loaded, [request], progress=progress)[0]
+    return result.latents
 
 
 def load_probe_vae(source: str, option: str):
