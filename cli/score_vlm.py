@@ -28,7 +28,7 @@ def command(
         ..., help="Image files, or folders whose images are all scored."
     ),
     model: list[str] = typer.Option(
-        ..., "--model", "-m", help="Model name as the endpoint knows it; repeatable."
+        ..., "--model", "-m", help="Model name as the endpoint lists it; repeatable."
     ),
     mode: str = typer.Option(
         "fallback", help=f"How several models are used: {'; '.join(MODES)}."
@@ -41,7 +41,7 @@ def command(
         None, help="Endpoint base URL ending in /v1; default: $OPENAI_BASE_URL."
     ),
     api_key_env: str = typer.Option(
-        "OPENAI_API_KEY", help="Name of the environment variable that holds the key."
+        "OPENAI_API_KEY", help="Name of the environment variable that contains the key."
     ),
     rubric: Path | None = typer.Option(
         None, help="Rubric file (.toml or .json); default: the built-in rubric."
@@ -66,7 +66,7 @@ def command(
     connect_timeout: float = typer.Option(10.0, help="Connect timeout in seconds."),
     read_timeout: float = typer.Option(120.0, help="Read timeout in seconds."),
     rpm: float | None = typer.Option(
-        None, help="Most requests started per minute; default: no limit."
+        None, help="Maximum requests started per minute; default: no limit."
     ),
     dim: list[str] = typer.Option(
         [], help="NAME=VALUE sent as header x-bf-dim-NAME (Bifrost); repeatable."
@@ -82,7 +82,7 @@ def command(
         None, help="Sampling temperature; default: the model's own."
     ),
     max_tokens: int | None = typer.Option(
-        None, help="Most tokens per reply (max_tokens); default: the server's."
+        None, help="Maximum tokens per reply (max_tokens); default: the server's."
     ),
 ) -> None:
     """Ask vision LLMs for a validated verdict on each image, through any

@@ -1,9 +1,10 @@
 """Scoring renders with vision LLMs: one validated verdict per image and model.
 
-`score_images` runs the whole job: it reads finished rows from `verdicts.jsonl`,
-sends the remaining images to the models with bounded concurrency, validates each
-reply against the rubric (one repair request for an invalid or truncated reply),
-appends a row per result and keeps `verdicts.csv` and `panel.csv` current.
+`score_images` runs the whole job. It reads finished rows from `verdicts.jsonl`
+and sends the remaining images to the models with bounded concurrency. Each reply
+is validated against the rubric, with one repair request for an invalid or
+truncated reply. Each result is appended as a row, and `verdicts.csv` and
+`panel.csv` are kept current.
 
 Modes (see MODES): "fallback" asks the models in order until one returns a valid
 verdict; "panel" asks every model and aggregates the verdicts per image.
@@ -42,9 +43,8 @@ from renderqa.core.vlm_client import (
     ChatClient,
     ChatResult,
     EndpointSettings,
-    EndpointUnreachableError,
-    KeyRejectedError,
     RetryPolicy,
+    StopRunError,
 )
 from renderqa.core.vlm_output import (
     FALLBACK_KEY,
@@ -77,12 +77,11 @@ MODES = {
 # verdicts.csv is a view of verdicts.jsonl, so rewriting it more often than this
 # only costs time; it is always rewritten when the run ends.
 CSV_REWRITE_INTERVAL_S = 1.0
-STOP_ERRORS = (KeyRejectedError, EndpointUnreachableError)
 
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """What to ask: models, mode, rubric, optional source image and payload limits."""
+    """Request settings: models, mode, rubric, optional source image, payload limits."""
 
     models: tuple[str, ...]
     mode: str
@@ -145,7 +144,7 @@ def score_images(
     """Score every image with the models and write the outputs under `out_dir`.
 
     Returns the report even when a rejected key or unreachable endpoint stopped the
-    run; `report.stopped` then holds that error.
+    run; `report.stopped` then contains that error.
     """
     check_settings(settings, endpoint)
     ensure_out_dir(settings.out_dir)
@@ -215,7 +214,7 @@ class _Job:
                     async with asyncio.TaskGroup() as group:
                         for _ in range(min(endpoint.concurrency, len(units))):
                             group.create_task(self._worker(queue, client))
-                except* STOP_ERRORS as errors:
+                except* StopRunError as errors:
                     stopped = errors.exceptions[0]
         finally:
             # 4. Final views of the rows, whatever ended the run.
@@ -303,13 +302,14 @@ class _Job:
         image = str(encoded.path)
         attempts = 0
         tokens = [0, 0]
+        repaired = False
         try:
             result = await client.complete(body)
             attempts += result.attempts
             _add_tokens(tokens, result)
             verdict, problem = self._check_reply(result)
-            repaired = problem is not None
             if problem is not None:
+                repaired = True
                 logger.info(
                     "%s: %s: %s; sending one repair request", image, model, problem
                 )
@@ -319,13 +319,14 @@ class _Job:
                 _add_tokens(tokens, result)
                 verdict, problem = self._check_reply(result)
         except CallError as error:
+            attempts += error.attempts
             row = self._error_row(image, [model], error.kind, str(error), attempts)
-            row["attempts"] = attempts + error.attempts
+            row["repaired"] = repaired
             return self._finish_row(row, encoded, started, tokens)
-        except STOP_ERRORS as error:
-            # The request that hit the stop gets its row before the run ends; a
-            # 401 or a refused connection is one attempt of its own.
-            row = self._error_row(image, [model], "stopped", str(error), attempts + 1)
+        except StopRunError as error:
+            # The request that hit the stop gets its row before the run ends.
+            attempts += error.attempts
+            row = self._error_row(image, [model], "stopped", str(error), attempts)
             self._record(self._finish_row(row, encoded, started, tokens), encoded)
             raise
 

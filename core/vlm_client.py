@@ -42,11 +42,19 @@ MAX_ERROR_TEXT = 300
 MAX_DUMP_TEXT = 2000
 
 
-class KeyRejectedError(RemoteError):
-    """The endpoint answered 401: the API key is missing, wrong or revoked."""
+class StopRunError(RemoteError):
+    """A failure that every other request would hit too, so the run stops."""
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
-class EndpointUnreachableError(RemoteError):
+class KeyRejectedError(StopRunError):
+    """The endpoint returned HTTP 401: the API key is missing, wrong or revoked."""
+
+
+class EndpointUnreachableError(StopRunError):
     """No connection to the endpoint could be opened, after every retry."""
 
 
@@ -67,7 +75,7 @@ class CallError(Exception):
 
 @dataclass(frozen=True)
 class EndpointSettings:
-    """Where and how to send requests. Timeouts and intervals are in seconds."""
+    """Endpoint URL, key, timeouts, limits and gateway options (times in seconds)."""
 
     base_url: str
     api_key: str
@@ -97,7 +105,7 @@ class RetryPolicy:
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
-    """Return the wait a server asks for, from `retry-after-ms` or `retry-after`.
+    """Return the wait a server requests in `retry-after-ms` or `retry-after`.
 
     `retry-after` is either seconds or an HTTP date. Returns None without a
     readable hint.
@@ -293,7 +301,8 @@ class ChatClient:
         if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
             return EndpointUnreachableError(
                 f"cannot connect to {self.redactor.text(url)} ({detail}) after "
-                f"{attempts} attempt(s); check --base-url or OPENAI_BASE_URL"
+                f"{attempts} attempt(s); check --base-url or OPENAI_BASE_URL",
+                attempts,
             )
         if isinstance(error, httpx.TimeoutException):
             return CallError(
@@ -314,7 +323,8 @@ class ChatClient:
         if status == 401:
             return KeyRejectedError(
                 f"the endpoint rejected the API key (HTTP 401: {detail}); check the "
-                "key in the environment variable named by --api-key-env"
+                "key in the environment variable named by --api-key-env",
+                attempts,
             )
         return CallError(
             "http", f"HTTP {status}: {detail} ({attempts} attempt(s))", attempts, status

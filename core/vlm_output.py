@@ -26,8 +26,8 @@ from renderqa.core.vlm_rubric import Rubric
 
 logger = logging.getLogger(__name__)
 
-# In fallback mode one row answers for the whole model list, so rows are keyed by
-# image alone; in panel mode each model has its own row.
+# In fallback mode one row covers the whole model list, so rows are keyed by image
+# alone. In panel mode each model has its own row.
 FALLBACK_KEY = "(fallback)"
 # A spread of two points or more on the 1 to 5 scale counts as disagreement even
 # when the pass/fail votes agree.
@@ -35,7 +35,7 @@ DISAGREEMENT_SCORE_SPREAD = 2
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str]:
-    """Return the (image, model slot) a row answers for."""
+    """Return the (image, model slot) key of a row."""
     return row["image"], row["model"] if row["mode"] == "panel" else FALLBACK_KEY
 
 

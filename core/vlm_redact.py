@@ -1,9 +1,9 @@
 """Keeping API keys out of logs, error messages, request dumps and output files.
 
-Two layers: headers and URLs are redacted by name (`Authorization`, `x-api-key`,
-`api-key`, a `key` query parameter), and every string that leaves the client is
-also scrubbed of the literal secret values, because servers sometimes echo the key
-back in an error body.
+Headers and URLs are redacted by name: `Authorization`, `x-api-key`, `api-key`
+and a `key` query parameter. Every string that leaves the client is also scrubbed
+of the literal secret values, because servers sometimes echo the key back in an
+error body.
 """
 
 from __future__ import annotations

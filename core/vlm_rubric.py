@@ -209,7 +209,7 @@ def verdict_model(rubric: Rubric) -> type[BaseModel]:
 
 
 class VerdictError(ValueError):
-    """A reply that is not a valid verdict; the message says what is wrong."""
+    """A reply that is not a valid verdict; the message names the problem."""
 
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n(.*?)\n?\s*```", re.DOTALL)
@@ -218,8 +218,8 @@ _FENCE = re.compile(r"```(?:json|JSON)?\s*\n(.*?)\n?\s*```", re.DOTALL)
 def extract_json_text(content: str) -> str:
     """Return the JSON object text of a reply, unwrapping a Markdown code fence.
 
-    Models asked for JSON often wrap it in ```json fences, with or without a
-    sentence around them; the first fenced block wins, else the bare text.
+    Models often wrap requested JSON in ```json fences, sometimes with a sentence
+    around them. The first fenced block is used, else the whole text.
     """
     match = _FENCE.search(content)
     return (match.group(1) if match else content).strip()

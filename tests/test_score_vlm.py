@@ -125,7 +125,7 @@ def test_valid_verdicts_written_per_image(server, renders, tmp_path):
 
 
 def test_payload_media_type_comes_from_bytes(server, tmp_path):
-    # JPEG bytes behind a .png name: the data URI must say image/jpeg.
+    # JPEG bytes behind a .png name: the data URI must declare image/jpeg.
     photo = tmp_path / "chelsea.png"
     Image.fromarray(skimage_data.chelsea()).save(photo, format="JPEG")
     out = tmp_path / "out"
@@ -488,6 +488,7 @@ def test_401_stops_run_without_leaking_key(server, renders, tmp_path):
     (row,) = read_jsonl(out)
     assert row["status"] == "error"
     assert row["error_kind"] == "stopped"
+    assert row["attempts"] == 1
     assert_key_absent(out, result.output)
 
 
@@ -726,6 +727,9 @@ def test_unreachable_endpoint_one_clear_line(renders, tmp_path):
     assert result.exit_code == 3
     assert "cannot connect to http://127.0.0.1" in joined(result.output)
     assert "Traceback" not in result.output
+    (row,) = read_jsonl(out)
+    assert row["error_kind"] == "stopped"
+    assert row["attempts"] == 2
     assert_key_absent(out, result.output)
 
 

@@ -1,11 +1,11 @@
 """A scripted chat completions server on 127.0.0.1 for the score-vlm tests.
 
-Each request is recorded and answered by a `Reply` taken from a script: the
-queue for the request's model if one is set, else the shared queue, else the
-default reply. Replies can be delayed (in the handler's own thread, so other
+The server records each request and sends the next `Reply` of the script: from
+the queue for the request's image or model if one is set, else from the shared
+queue, else the default reply. Replies can be delayed (in the handler's own thread, so other
 requests are not blocked), drop the connection, or carry any status and headers.
-The async API follows Bifrost's layout: POST /v1/async/chat/completions answers
-202 with a job id, and GET /v1/async/chat/completions/{id} answers 202 for
+The async API follows Bifrost's layout: POST /v1/async/chat/completions returns
+202 with a job id, and GET /v1/async/chat/completions/{id} returns 202 for
 `pending_polls` polls, then 200 with the job's result.
 
 Run as a script (`python -m tests.vlm_server --latency 0.2`) it serves valid
@@ -42,14 +42,14 @@ VALID_VERDICT = {
 
 @dataclass
 class Reply:
-    """How the server answers one request."""
+    """The server's response to one request."""
 
     status: int = 200
     body: Any = None  # JSON-encoded unless bytes or str
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False  # close the connection without sending a response
-    pending_polls: int = 0  # for async submits: polls answered 202 before the result
+    pending_polls: int = 0  # for async submits: polls that return 202 before the result
 
 
 def chat_reply(
@@ -132,7 +132,7 @@ class ScriptedServer:
         self.default = default or verdict_reply()
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
-        self.max_in_flight = 0  # most requests being answered at the same time
+        self.max_in_flight = 0  # max requests in progress at the same time
         self._queue: deque[Reply] = deque()
         self._model_queues: dict[str, deque[Reply]] = {}
         self._by_image: dict[str, deque[Reply]] = {}

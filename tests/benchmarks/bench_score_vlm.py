@@ -1,9 +1,9 @@
 """Benchmark score-vlm throughput against a local server with a fixed latency.
 
-200 renders (256 x 256 PNG crops by default, `--side` to change of scikit-image's astronaut photo) go to the
-scripted server of tests/vlm_server.py, run in a subprocess on 127.0.0.1, which
-answers every request with a valid verdict after 200 ms without blocking other
-requests. The ideal time at concurrency 16 is 200 x 0.2 / 16 = 2.5 s. With 16
+200 renders go to the scripted server of tests/vlm_server.py, run in a subprocess
+on 127.0.0.1. The renders are 256 x 256 PNG crops of scikit-image's astronaut
+photo (`--side` changes the size). The server returns a valid verdict to every
+request after 200 ms, without blocking other requests. The ideal time at concurrency 16 is 200 x 0.2 / 16 = 2.5 s. With 16
 workers and 200 requests, 8 workers serve 13 requests, so no client can finish in
 under 13 x 0.2 = 2.6 s (1.04 x ideal).
 
