@@ -33,13 +33,23 @@ lint: $(INSTALLED)
 test: lint $(FIXTURES)
 	$(VENV)/bin/pytest
 
-demo: $(FIXTURES) demo-render
+demo: $(FIXTURES) demo-render demo-sweep
 
 demo-render: $(FIXTURES)
 	$(RENDERQA) render "a red mug on a white background" \
 		--model fixtures/build/tiny-sdxl-eps --seeds 0-1 --steps 8 \
 		--width 64 --height 64 --guidance-scale 9 --guidance-rescale 0.7 \
 		--out $(DEMO_OUT)/render
+
+demo-sweep: $(FIXTURES)
+	HF_HUB_OFFLINE=1 $(RENDERQA) sweep-rescale \
+		--model fixtures/build/tiny-sdxl-eps \
+		--prompt "a red mug on a white background" --prompt "a blue glass vase" \
+		--seeds 0-1 --guidance-scale 5,9 --guidance-rescale 0,0.7,1.0 \
+		--steps 4 --width 64 --height 64 --batch-size 6 \
+		--clip-model fixtures/build/tiny-clip/tiny-clip.json \
+		--clip-pretrained fixtures/build/tiny-clip/tiny-clip.safetensors \
+		--out $(DEMO_OUT)/sweep
 
 bench: $(FIXTURES)
 	@for script in tests/benchmarks/bench_*.py; do \
