@@ -187,7 +187,7 @@ class ChatClient:
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.rate_limiter = RateLimiter(settings.requests_per_minute, sleep)
-        self.base_url = settings.base_url.rstrip("/")
+        self.base_url = httpx.URL(settings.base_url)
         headers = {"Authorization": f"Bearer {settings.api_key}"}
         headers.update({f"x-bf-dim-{k}": v for k, v in settings.dims.items()})
         limits = httpx.Limits(
@@ -224,15 +224,24 @@ class ChatClient:
         if self.settings.use_async:
             payload, attempts = await self._complete_async(body)
         else:
-            url = f"{self.base_url}/chat/completions"
+            url = self._url("chat/completions")
             response, attempts = await self._send("POST", url, body)
             payload = self._json(response, attempts)
         return _chat_result(payload, attempts, self.redactor)
 
+    def _url(self, path: str) -> httpx.URL:
+        """Append `path` to the base URL's path, keeping its query parameters."""
+        return self.base_url.copy_with(path=f"{self.base_url.path.rstrip('/')}/{path}")
+
     async def _complete_async(self, body: dict[str, Any]) -> tuple[Any, int]:
-        url = f"{self.base_url}/async/chat/completions"
-        response, attempts = await self._send("POST", url, body)
+        """Submit a job and poll it; return (chat completion, submit attempts)."""
+        response, attempts = await self._send(
+            "POST", self._url("async/chat/completions"), body
+        )
         job = self._json(response, attempts)
+        if response.status_code == 200 and isinstance(job, dict) and "choices" in job:
+            # The server answered synchronously, which the caller can use as is.
+            return job, attempts
         job_id = job.get("id") if isinstance(job, dict) else None
         if response.status_code != 202 or not isinstance(job_id, str) or not job_id:
             raise CallError(
@@ -243,11 +252,13 @@ class ChatClient:
                 response.status_code,
             )
 
+        # Polls have their own retries but are not counted as attempts, which
+        # count submitted requests.
+        poll_url = self._url(f"async/chat/completions/{job_id}")
         deadline = time.monotonic() + self.settings.async_timeout
         while True:
             await self.sleep(self.settings.poll_interval)
-            response, polls = await self._send("GET", f"{url}/{job_id}", None)
-            attempts += polls
+            response, _ = await self._send("GET", poll_url, None)
             job = self._json(response, attempts)
             if response.status_code == 200:
                 result = _finished_job_result(job, job_id, attempts, self.redactor)
@@ -261,7 +272,7 @@ class ChatClient:
                 )
 
     async def _send(
-        self, method: str, url: str, body: dict[str, Any] | None
+        self, method: str, url: httpx.URL, body: dict[str, Any] | None
     ) -> tuple[httpx.Response, int]:
         """Send one request with retries; return the 2xx response and attempts made."""
         for retry in range(self.retry.max_retries + 1):
@@ -285,7 +296,7 @@ class ChatClient:
             logger.warning(
                 "%s %s: %s; retry %d of %d in %.2f s",
                 method,
-                self.redactor.text(url),
+                self.redactor.text(str(url)),
                 failure,
                 attempts,
                 self.retry.max_retries,
@@ -295,12 +306,12 @@ class ChatClient:
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _transport_failure(
-        self, error: Exception, url: str, attempts: int
+        self, error: Exception, url: httpx.URL, attempts: int
     ) -> Exception:
         detail = self.redactor.text(str(error) or type(error).__name__)
         if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
             return EndpointUnreachableError(
-                f"cannot connect to {self.redactor.text(url)} ({detail}) after "
+                f"cannot connect to {self.redactor.text(str(url))} ({detail}) after "
                 f"{attempts} attempt(s); check --base-url or OPENAI_BASE_URL",
                 attempts,
             )
@@ -359,7 +370,9 @@ class ChatClient:
                 response.status_code,
             ) from None
 
-    def _dump_request(self, method: str, url: str, body: dict[str, Any] | None) -> None:
+    def _dump_request(
+        self, method: str, url: httpx.URL, body: dict[str, Any] | None
+    ) -> None:
         if not logger.isEnabledFor(logging.DEBUG):
             return
         headers = self.redactor.headers(dict(self._http.headers))
@@ -367,7 +380,7 @@ class ChatClient:
         logger.debug(
             "request %s %s headers=%s body=%s",
             method,
-            self.redactor.text(url),
+            self.redactor.text(str(url)),
             headers,
             self.redactor.text(text[:MAX_DUMP_TEXT]),
         )

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 
 REDACTED = "[redacted]"
 SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
-_KEY_QUERY = re.compile(r"([?&](?:api[-_]?)?key=)[^&#\s]*", re.IGNORECASE)
+# The value stops at quotes and backslashes too, so redacting JSON text keeps it valid.
+_KEY_QUERY = re.compile(r"([?&](?:api[-_]?)?key=)[^&#\s\"'\\]*", re.IGNORECASE)
 # Keys shorter than this are too likely to occur inside ordinary words.
 MIN_SECRET_LENGTH = 4
 

@@ -526,7 +526,7 @@ def test_async_gateway_submit_and_poll(server, renders, tmp_path):
     )
 
     assert result.exit_code == 0, result.output
-    methods = [(r.method, r.path) for r in server.requests]
+    methods = [(request.method, request.path) for request in server.requests]
     assert methods == [
         ("POST", "/v1/async/chat/completions"),
         ("GET", "/v1/async/chat/completions/job-1"),
@@ -535,6 +535,7 @@ def test_async_gateway_submit_and_poll(server, renders, tmp_path):
     ]
     (row,) = read_jsonl(out)
     assert row["status"] == "ok"
+    assert row["attempts"] == 1
     assert row["verdict"]["overall"] == "fail"
     assert row["verdict"]["score"] == 2
 
@@ -825,6 +826,35 @@ def test_unknown_mode_lists_modes(server, renders, tmp_path):
     assert server.requests == []
 
 
+def test_unreadable_source_stops_before_requests(server, renders, tmp_path):
+    source = tmp_path / "source.png"
+    source.write_bytes(b"")
+
+    result = invoke(
+        server,
+        tmp_path / "out",
+        str(renders[0]),
+        "-m",
+        "vlm-a",
+        "--source",
+        str(source),
+    )
+
+    assert result.exit_code == 2
+    assert f"--source {source}: file is empty" in joined(result.output)
+    assert server.requests == []
+
+
+def test_folder_argument_scores_its_images(server, renders, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+
+    result = invoke(server, out, str(tmp_path), "-m", "vlm-a", *FAST)
+
+    assert result.exit_code == 0, result.output
+    assert sorted(row["image"] for row in read_jsonl(out)) == [str(p) for p in renders]
+
+
 def test_custom_rubric_sets_schema_and_columns(server, renders, tmp_path):
     rubric = tmp_path / "rubric.toml"
     rubric.write_text(
@@ -877,7 +907,19 @@ def test_key_absent_from_every_output_and_log(server, renders, tmp_path):
     assert result.exit_code == 3
     assert "request POST" in result.output
     assert REDACTED in result.output
+    # The query parameter still reaches the server; only what is written is redacted.
+    assert server.chat_requests()[0].path == "/v1/chat/completions"
+    assert server.chat_requests()[0].query == f"key={API_KEY}"
     assert_key_absent(out, result.output)
+
+
+def test_redactor_keeps_json_valid():
+    redactor = Redactor([])
+    text = json.dumps({"error": "GET /v1?key=abc", "next": "kept"})
+    assert json.loads(redactor.text(text)) == {
+        "error": f"GET /v1?key={REDACTED}",
+        "next": "kept",
+    }
 
 
 def test_redactor_headers_and_query():

@@ -24,6 +24,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -93,10 +94,11 @@ def error_reply(status: int, message: str, **reply_options: Any) -> Reply:
 
 @dataclass
 class RecordedRequest:
-    """One request as received: method, path, headers and the parsed JSON body."""
+    """One request as received: method, path, query, headers and the parsed JSON body."""
 
     method: str
     path: str
+    query: str
     headers: dict[str, str]
     body: Any
     received_at: float
@@ -236,7 +238,8 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length) if length else b""
             request = RecordedRequest(
                 method=self.command,
-                path=self.path,
+                path=urllib.parse.urlsplit(self.path).path,
+                query=urllib.parse.urlsplit(self.path).query,
                 headers=dict(self.headers.items()),
                 body=json.loads(raw) if raw else None,
                 received_at=time.monotonic(),
