@@ -177,6 +177,7 @@ class _Job:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdicts")
         self.writes: list[Future] = []
         self.done = 0
+        self.total = 0
         self.source: EncodedImage | None = None
         self.source_sha256: str | None = None
 
@@ -281,7 +282,13 @@ class _Job:
                 row["models_tried"] = self.settings.models[: len(failures) + 1]
                 return row
             failures.append(f"{model}: {row['error']}")
-            logger.warning("%s: %s failed, trying the next model", encoded.path, model)
+            if model != self.settings.models[-1]:
+                logger.warning(
+                    "%s: %s failed (%s); trying the next model",
+                    encoded.path,
+                    model,
+                    row["error"],
+                )
         row["error"] = "every model failed; " + "; ".join(failures)
         row["attempts"] = attempts
         row["models_tried"] = list(self.settings.models)

@@ -44,7 +44,12 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise OutputError(
+            f"{path}: cannot read the earlier rows ({error}); fix or move the file"
+        ) from None
     lines = text.split("\n")
     # A last element that is not empty has no newline: a write cut short.
     for number, line in enumerate(lines[:-1], start=1):

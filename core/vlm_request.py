@@ -157,6 +157,8 @@ def build_chat_body(
     if temperature is not None:
         body["temperature"] = temperature
     if max_tokens is not None:
+        # NOTE: this is the older field. OpenAI's reasoning models expect
+        # `max_completion_tokens` instead, so leave --max-tokens unset for them.
         body["max_tokens"] = max_tokens
     return body
 
