@@ -692,10 +692,16 @@ def describe_fix(run: DecodeRun) -> str:
 def rank_fixes(
     runs: list[DecodeRun], baseline: DecodeRun, reference: DecodeRun, min_psnr: float
 ) -> list[FixOption]:
-    """List the runs that work, other than the baseline, cheapest first."""
+    """List the runs that work, cheapest first, with costs against the baseline.
+
+    The main VAE in fp16 is the setting being fixed, so it is never listed. Without
+    an fp16 decode the baseline is the fp32 reference, which is then a fix itself.
+    """
     options = []
     for run in runs:
-        if run is baseline or not run_works(run, reference, min_psnr):
+        if run.vae_label == MAIN_VAE and run.dtype == "fp16":
+            continue
+        if not run_works(run, reference, min_psnr):
             continue
         time_ratio = run.timed_seconds / baseline.timed_seconds
         memory_delta = None
