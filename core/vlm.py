@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,6 +179,8 @@ class _Job:
         self.writes: list[Future] = []
         self.done = 0
         self.total = 0
+        self.encodings: dict[str, asyncio.Future[EncodedImage]] = {}
+        self.pending_units: Counter[str] = Counter()
         self.source: EncodedImage | None = None
         self.source_sha256: str | None = None
 
@@ -199,6 +202,7 @@ class _Job:
         # 2. Skip the units an earlier run finished with the same inputs.
         units = [unit for unit in self._units() if not self._is_finished(*unit)]
         self.total = len(units)
+        self.pending_units = Counter(image for image, _ in units)
         skipped = len(self._units()) - len(units)
         if skipped:
             logger.info("skipping %d finished of %d", skipped, len(self._units()))
@@ -255,9 +259,7 @@ class _Job:
             image, model = queue.get_nowait()
             started = time.perf_counter()
             try:
-                encoded = await asyncio.to_thread(
-                    encode_image, image, self.settings.max_side
-                )
+                encoded = await self._encode(image)
             except ImageReadError as error:
                 models = [model] if model else list(self.settings.models[:1])
                 row = self._error_row(image, models, "image", str(error), 0)
@@ -268,6 +270,23 @@ class _Job:
             else:
                 row = await self._ask_fallback(client, encoded, started)
             self._record(row, encoded)
+
+    async def _encode(self, image: str) -> EncodedImage:
+        """Encode an image in a thread, once for all of its pending units.
+
+        In panel mode the units of one image sit next to each other in the queue,
+        so the cached payload is dropped as soon as its last unit has taken it.
+        """
+        encoding = self.encodings.get(image)
+        if encoding is None:
+            encoding = asyncio.ensure_future(
+                asyncio.to_thread(encode_image, image, self.settings.max_side)
+            )
+            self.encodings[image] = encoding
+        self.pending_units[image] -= 1
+        if self.pending_units[image] == 0:
+            del self.encodings[image]
+        return await encoding
 
     async def _ask_fallback(
         self, client: ChatClient, encoded: EncodedImage, started: float

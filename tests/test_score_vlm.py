@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import random
@@ -22,6 +23,7 @@ from PIL import Image
 from skimage import data as skimage_data
 from typer.testing import CliRunner
 
+import renderqa.core.vlm as vlm
 from renderqa.cli.app import app
 from renderqa.core.errors import InvalidInputError
 from renderqa.core.vlm import ScoreSettings, score_images
@@ -122,6 +124,9 @@ def test_valid_verdicts_written_per_image(server, renders, tmp_path):
     assert len(csv_lines) == 1 + len(renders)
     assert csv_lines[1].split(",")[3:6] == ["ok", "pass", "5"]
     assert "scored 3, skipped 0" in result.output
+    summary_row = next(line for line in result.output.splitlines() if "vlm-a" in line)
+    assert "100%" in summary_row
+    assert "300" in summary_row  # prompt tokens: 3 x 100
 
 
 def test_payload_media_type_comes_from_bytes(server, tmp_path):
@@ -615,6 +620,31 @@ def test_panel_error_rows_stay_out_of_aggregate(server, renders, tmp_path):
     assert panel["disagreement"] == "true"
 
 
+def test_panel_encodes_each_image_once(server, renders, tmp_path, monkeypatch):
+    encoded_paths = []
+
+    def counting_encode(path, max_side):
+        encoded_paths.append(str(path))
+        return encode_image(path, max_side)
+
+    monkeypatch.setattr(vlm, "encode_image", counting_encode)
+    models = ("vlm-a", "vlm-b", "vlm-c")
+
+    report = run_core(
+        server,
+        renders[:2],
+        tmp_path / "out",
+        RetryPolicy(),
+        [],
+        models=models,
+        mode="panel",
+    )
+
+    assert sorted(encoded_paths) == sorted(str(p) for p in renders[:2])
+    assert len(server.chat_requests()) == 6
+    assert all(row["status"] == "ok" for row in report.rows)
+
+
 def test_concurrency_bounds_requests_in_flight(server, tmp_path):
     paths = []
     for index in range(6):
@@ -694,8 +724,6 @@ def test_rerun_ignores_cut_off_last_line(server, renders, tmp_path):
 
 
 def _sha(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -906,6 +934,7 @@ def test_key_absent_from_every_output_and_log(server, renders, tmp_path):
 
     assert result.exit_code == 3
     assert "request POST" in result.output
+    assert "base64 characters>" in result.output
     assert REDACTED in result.output
     # The query parameter still reaches the server; only what is written is redacted.
     assert server.chat_requests()[0].path == "/v1/chat/completions"
