@@ -6,8 +6,8 @@ is validated against the rubric, with one repair request for an invalid or
 truncated reply. Each result is appended as a row, and `verdicts.csv` and
 `panel.csv` are kept current.
 
-Modes (see MODES): "fallback" asks the models in order until one returns a valid
-verdict; "panel" asks every model and aggregates the verdicts per image.
+Modes (see MODES): "fallback" sends to the models in order until one returns a
+valid verdict. "panel" sends to every model and aggregates the verdicts per image.
 
 A failed call, an invalid verdict and an unreadable image each become an error
 row with no verdict. Such rows are never a pass, a zero or a default, and a rerun

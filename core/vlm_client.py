@@ -240,7 +240,7 @@ class ChatClient:
         )
         job = self._json(response, attempts)
         if response.status_code == 200 and isinstance(job, dict) and "choices" in job:
-            # The server answered synchronously, which the caller can use as is.
+            # The server returned the completion synchronously; use it as is.
             return job, attempts
         job_id = job.get("id") if isinstance(job, dict) else None
         if response.status_code != 202 or not isinstance(job_id, str) or not job_id:

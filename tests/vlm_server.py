@@ -273,7 +273,7 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):
-                # The client gave up (a read timeout); nothing is left to answer.
+                # The client closed the connection after its read timeout.
                 self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:
