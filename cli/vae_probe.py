@@ -117,6 +117,13 @@ def _load_latents(
     options: dict,
 ) -> tuple[torch.Tensor, dict]:
     """Return UNet-space latents and the render record they come with."""
+    if source is not None and (
+        options["prompt"] is not None or options["seed"] is not None
+    ):
+        raise InvalidInputError(
+            f"{source}: --prompt and --seed render new latents, so they cannot be "
+            "combined with a latents file or PNG; drop one of them"
+        )
     if source is not None and source.suffix.lower() == LATENTS_SUFFIX:
         return read_latents_file(source)
     if source is not None and source.suffix.lower() == ".png":
