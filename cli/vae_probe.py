@@ -197,8 +197,8 @@ def _memory_text(run: DecodeRun) -> str:
 def _runs_table(report: ProbeReport) -> Table:
     table = Table(
         title="decodes (fp32 of the main VAE is the reference)",
-        caption="memory: CUDA peak allocated during the plain decode; in brackets, "
-        "the largest single activation where no peak is available",
+        caption="memory: CUDA peak allocation of the plain decode beyond the weights. "
+        "In brackets: the largest single activation, where no peak is measured.",
     )
     headers = (
         "run",

@@ -125,7 +125,9 @@ class DecodeRun:
     pixels: np.ndarray  # (H, W, 3) float32, [0, 1] where finite; NaN or inf kept
     probed_seconds: float
     seconds: float | None  # a plain decode without hooks; None when timing is off
-    peak_memory_bytes: int | None  # CUDA only: peak allocated during the plain decode
+    # CUDA only: the plain decode's peak allocation above what was allocated before
+    # it (the weights), so it measures activations and workspace.
+    peak_memory_bytes: int | None
     largest_activation_bytes: int  # largest single module output seen
     warning_level: float
     max_diff: float | None = None  # against the reference decode, on displayed pixels
