@@ -31,7 +31,9 @@ def command(
         ..., "--model", "-m", help="Model name as the endpoint lists it; repeatable."
     ),
     mode: str = typer.Option(
-        "fallback", help=f"How several models are used: {'; '.join(MODES)}."
+        "fallback",
+        help="How several models are used. "
+        + " ".join(f"{name}: {text}." for name, text in MODES.items()),
     ),
     out: Path = typer.Option(
         Path("score-vlm-out"),
