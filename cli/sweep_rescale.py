@@ -88,30 +88,22 @@ def _results_table(outcome: SweepOutcome, tolerance: Decimal) -> Table:
     table = Table(
         title=f"sweep-rescale: {outcome.folder}",
         caption=f"* least saturated setting whose CLIP cosine is within {tolerance}% "
-        "of rescale 0 at the same guidance scale; sat = saturated pixels; "
-        "CI = 95% t interval",
+        "of rescale 0 at the same guidance scale; sat = saturated pixels, "
+        "CI = 95% t interval, CLIP = raw cosine",
     )
-    headers = (
-        "",
-        "scale",
-        "threshold",
-        "rescale",
-        "n",
-        "sat %",
-        "sat % CI",
-        "CLIP cos",
-        "CLIP chg %",
-        "std ratio",
-    )
+    show_threshold = any(s.threshold != "off" for s in outcome.summaries)
+    headers = ["", "scale", "rescale", "n", "sat %", "sat % CI", "CLIP", "CLIP chg %"]
+    headers += ["std ratio"]
+    if show_threshold:
+        headers.insert(2, "threshold")
     for name in headers:
         table.add_column(name, justify="left" if name == "threshold" else "right")
     for summary in outcome.summaries:
         saturation = summary.metrics["saturated_fraction"]
         change = summary.clip_change_percent
-        table.add_row(
+        cells = [
             "*" if summary.recommended else "",
             summary.guidance_scale,
-            summary.threshold,
             summary.guidance_rescale,
             str(summary.images),
             _number(100 * saturation.mean, 3),
@@ -119,8 +111,10 @@ def _results_table(outcome: SweepOutcome, tolerance: Decimal) -> Table:
             _number(summary.metrics["clip_cosine_raw"].mean, 4),
             "" if change is None else f"{change:+.2f}",
             _number(summary.metrics["std_ratio"].mean, 3),
-            style="bold green" if summary.recommended else None,
-        )
+        ]
+        if show_threshold:
+            cells.insert(2, summary.threshold)
+        table.add_row(*cells, style="bold green" if summary.recommended else None)
     return table
 
 

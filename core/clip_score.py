@@ -12,10 +12,10 @@ Where the model comes from (`model`, `pretrained`):
   naming a local checkpoint file: the same loading path a downloaded tag takes;
 - `local-dir:FOLDER` (or a folder path) holding open_clip_config.json and weights.
 
-Resize modes: `crop` (open_clip's eval default: shortest side resized, then a
-centre crop, which drops about a third of a 1216x832 render), `pad` (longest side
-resized, then padded, so the whole image is seen) and `squash` (resized to the
-square input without keeping the aspect ratio).
+Resize modes: `crop` is open_clip's eval default, which resizes the shortest side
+and then centre-crops, so it drops about a third of a 1216x832 render. `pad`
+resizes the longest side and pads, so the whole image is seen. `squash` resizes to
+the square input without keeping the aspect ratio.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _resolve_source(open_clip, model: str, pretrained: str | None):
     if local_dir is not None:
         if pretrained:
             logger.warning(
-                "--clip-pretrained %s is ignored: %s holds its own weights",
+                "--clip-pretrained %s is ignored because %s contains its own weights",
                 pretrained,
                 local_dir,
             )
@@ -274,7 +274,10 @@ def _unknown_model_message(open_clip, model: str) -> str:
 
 def _tags_text(open_clip, name: str) -> str:
     tags = open_clip.list_pretrained_tags_by_model(name)
-    return ", ".join(tags[:8]) + (" ..." if len(tags) > 8 else "") if tags else "none"
+    if not tags:
+        return "none"
+    text = ", ".join(tags[:8])
+    return text + " ..." if len(tags) > 8 else text
 
 
 def _cached_checkpoint(name: str, tag: str, tag_config: dict) -> str:

@@ -205,9 +205,7 @@ def parse_threshold_list(
     """Parse a comma-separated list (or a list) of thresholding choices."""
     items = text.split(",") if isinstance(text, str) else list(text)
     if not any(str(item).strip() for item in items):
-        raise InvalidInputError(
-            f"{option}: no values given; write off or latent:0.995:3"
-        )
+        raise InvalidInputError(f"{option}: no values given; {THRESHOLD_USAGE}")
     choices = tuple(parse_threshold(str(item), option) for item in items)
     labels = [choice.label for choice in choices]
     for label in labels:

@@ -99,8 +99,8 @@ def contact_sheet(
 ) -> Image.Image:
     """Build one labelled grid image: rows are rescale factors, columns are seeds.
 
-    `cells` maps (guidance_rescale, seed) to an image path; a missing or absent
-    path leaves a grey cell, so a sheet of an unfinished sweep still shows its shape.
+    `cells` maps (guidance_rescale, seed) to an image path. A cell without an image
+    stays grey, so the sheet of an unfinished sweep still shows its full grid.
     """
     images = {
         key: Image.open(path).convert("RGB") for key, path in cells.items() if path

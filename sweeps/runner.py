@@ -1,8 +1,8 @@
 """Resumable execution of a sweep: render in batches, score, save, append rows.
 
 The pipeline and the CLIP model load once per run. Points are grouped into fixed
-UNet batches (see SweepDefinition.batches); a batch with any unfinished point is
-rendered whole, and only its unfinished points are saved and appended. Each row is
+UNet batches (see SweepDefinition.batches). A batch with any unfinished point is
+rendered whole, but only its unfinished points are saved and appended. Each row is
 appended after its image file is written, so a row never names a missing image.
 """
 
@@ -43,7 +43,7 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass
 class SweepOutcome:
-    """What a run did and where its outputs are."""
+    """Counts and output paths of one run."""
 
     folder: Path
     total: int

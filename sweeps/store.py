@@ -178,7 +178,7 @@ class SweepStore:
             )
             if foreign:
                 raise InvalidInputError(
-                    f"--out {self.folder} is not empty and holds no {MANIFEST_NAME} "
+                    f"--out {self.folder} is not empty and contains no {MANIFEST_NAME} "
                     f"(found {', '.join(foreign[:3])}); choose an empty folder or "
                     "pass --overwrite to clear the sweep outputs there"
                 )
@@ -194,7 +194,7 @@ class SweepStore:
         if manifest.get("sweep_hash") != expected:
             changed = _changed_settings(manifest.get("definition", {}), self.definition)
             raise InvalidInputError(
-                f"--out {self.folder} holds a different sweep (hash "
+                f"--out {self.folder} contains a different sweep (hash "
                 f"{manifest.get('sweep_hash')}, this one {expected}; changed: "
                 f"{', '.join(changed) or 'unknown'}); pass --overwrite to replace it "
                 "or choose another --out"

@@ -103,7 +103,7 @@ def test_local_dir_layout_gives_same_cosine(clip_files, scorer):
     assert difference < 1e-6, f"local-dir cosine differs by {difference:.2e}"
 
 
-def test_crop_mode_ignores_the_sides_and_pad_mode_does_not(clip_files):
+def test_crop_ignores_sides_pad_does_not(clip_files):
     base = np.full((64, 192, 3), 128, dtype=np.uint8)
     base[:, 80:112] = (220, 40, 40)
     changed = base.copy()

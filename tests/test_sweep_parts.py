@@ -163,7 +163,7 @@ def test_batches_share_prompt_and_guidance_mode():
     assert flattened == definition.points()
 
 
-def test_hash_changes_with_an_axis_but_not_with_order_of_dict_keys():
+def test_hash_tracks_axes_not_key_order():
     first = build_definition(minimal_settings())
     same = build_definition(dict(reversed(list(minimal_settings().items()))))
     other = build_definition(minimal_settings(guidance_rescale="0,0.5"))
@@ -261,7 +261,7 @@ def test_store_rejects_a_different_sweep(tmp_path):
     other = build_definition(minimal_settings(guidance_rescale="0,0.5"))
     with pytest.raises(InvalidInputError) as error:
         SweepStore(tmp_path, other).check(overwrite=False)
-    assert "holds a different sweep" in str(error.value)
+    assert "contains a different sweep" in str(error.value)
     assert "guidance_rescales" in str(error.value)
     assert SweepStore(tmp_path, other).open(overwrite=True) == {}
 
@@ -271,7 +271,7 @@ def test_store_rejects_folder_with_foreign_files(tmp_path):
     definition = build_definition(minimal_settings())
     with pytest.raises(InvalidInputError) as error:
         SweepStore(tmp_path, definition).check(overwrite=False)
-    assert "holds no sweep.json" in str(error.value)
+    assert "contains no sweep.json" in str(error.value)
     SweepStore(tmp_path, definition).open(overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 

@@ -196,7 +196,7 @@ def test_different_sweep_in_same_folder_is_rejected(sweep):
     args = [a if a != "0,0.7" else "0,0.5" for a in sweep["args"]]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "holds a different sweep" in " ".join(result.output.split())
+    assert "contains a different sweep" in " ".join(result.output.split())
     assert "--overwrite" in result.output
     assert (sweep["out"] / "results.csv").read_bytes() == before
 
