@@ -661,6 +661,20 @@ def test_concurrency_bounds_requests_in_flight(server, tmp_path):
     assert len(read_jsonl(out)) == 6
 
 
+def test_rpm_limit_delays_request_starts(server, renders, tmp_path):
+    sleeps: list[float] = []
+    endpoint = {"requests_per_minute": 6}
+
+    run_core(
+        server, renders, tmp_path / "out", RetryPolicy(), sleeps, endpoint=endpoint
+    )
+
+    # The recording sleep returns at once, so each start waits one 10 s interval
+    # more than the one before, less the little real time that passed.
+    assert sleeps == pytest.approx([10.0, 20.0], abs=1.0)
+    assert len(server.chat_requests()) == 3
+
+
 def test_rate_limiter_spaces_request_starts():
     now = [100.0]
     sleeps: list[float] = []
