@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from renderqa.core.errors import RenderQAError
 
@@ -23,15 +24,38 @@ R = TypeVar("R")
 
 def configure_logging(verbose: bool, quiet: bool) -> None:
     """Route `logging` through Rich on stderr at the level the flags select."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     handler = RichHandler(
         console=stderr_console,
         show_time=False,
         show_path=verbose,
         rich_tracebacks=False,
     )
+    handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("renderqa").setLevel(level)
+    _quiet_model_libraries(verbose)
+
+
+def _quiet_model_libraries(verbose: bool) -> None:
+    """Silence the tqdm bars and info chatter of diffusers and transformers.
+
+    renderqa draws its own progress; their bars would interleave with it on stderr.
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity(logging.INFO if verbose else logging.ERROR)
+    # huggingface_hub logs each download retry as a warning of its own.
+    logging.getLogger("huggingface_hub").setLevel(
+        logging.INFO if verbose else logging.ERROR
+    )
 
 
 def report_errors(function: Callable[P, R]) -> Callable[P, R]:
@@ -43,7 +67,10 @@ def report_errors(function: Callable[P, R]) -> Callable[P, R]:
             return function(*args, **kwargs)
         except RenderQAError as error:
             stderr_console.print(
-                f"[bold red]error:[/] {error}", markup=True, highlight=False
+                f"[bold red]error:[/] {escape(str(error))}",
+                markup=True,
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
