@@ -460,35 +460,36 @@ class ActivationRecorder:
 
     def _record(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
-        low, high = torch.aminmax(tensor)  # one pass; NaN propagates into both
+        extrema = torch.aminmax(tensor)  # one pass; NaN propagates into both
         self._first_seen.setdefault(name, len(self._first_seen))
-        self._records.setdefault(name, []).append(torch.stack([low, high]))
+        self._records.setdefault(name, []).extend(extrema)
         size = tensor.numel() * tensor.element_size()
         self.largest_activation_bytes = max(self.largest_activation_bytes, size)
 
     def stats(self) -> list[ModuleStats]:
         """Return one ModuleStats per module that produced output, in decoder order."""
         kinds = {name: type(module).__name__ for name, module in self._modules}
+        names = sorted(self._first_seen, key=self._first_seen.__getitem__)
+        if not names:
+            return []
+        # One copy to the host for every call of every module: rows of (min, max).
+        flat = [value.float() for name in names for value in self._records[name]]
+        pairs = torch.stack(flat).cpu().numpy().reshape(-1, 2)
+        ends = np.cumsum([len(self._records[name]) // 2 for name in names])
         results = []
-        for name in sorted(self._first_seen, key=self._first_seen.__getitem__):
-            pairs = torch.stack(self._records[name]).float().cpu()
+        for name, rows in zip(names, np.split(pairs, ends[:-1]), strict=True):
+            has_nan = bool(np.isnan(rows).any())
             results.append(
                 ModuleStats(
                     name=name,
                     kind=kinds[name],
                     order=self._first_seen[name],
-                    calls=pairs.shape[0],
-                    min_value=_nan_aware(pairs[:, 0], torch.amin),
-                    max_value=_nan_aware(pairs[:, 1], torch.amax),
+                    calls=rows.shape[0],
+                    min_value=math.nan if has_nan else float(rows[:, 0].min()),
+                    max_value=math.nan if has_nan else float(rows[:, 1].max()),
                 )
             )
         return results
-
-
-def _nan_aware(values: torch.Tensor, reduce) -> float:
-    if torch.isnan(values).any():
-        return math.nan
-    return reduce(values).item()
 
 
 def _output_tensors(output) -> Iterator[torch.Tensor]:
