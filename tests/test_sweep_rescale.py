@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from fixtures import make_tiny_clip
 from renderqa.cli.app import app
 from renderqa.core.guidance import saturated_fraction
+from renderqa.core.imageio import read_json_chunk
 from renderqa.sweeps.store import RESULT_COLUMNS
 
 BUILD_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "build"
@@ -124,29 +125,51 @@ def test_rows_record_settings_models_and_versions(sweep, tiny_sdxl):
     assert float(row["std_ratio"]) > 0
 
 
-def test_sweep_image_equals_render_alone(sweep, tiny_sdxl):
+def test_sweep_image_equals_render_command(sweep, tiny_sdxl, tmp_path):
+    rows = read_csv(sweep["out"] / "results.csv")
+    row = next(r for r in rows if r["guidance_rescale"] == "0.7" and r["seed"] == "1")
+    args = ["render", PROMPT, "--model", str(tiny_sdxl), "--seeds", "1"]
+    args += ["--steps", str(STEPS), "--width", str(SIZE), "--height", str(SIZE)]
+    args += [
+        "--guidance-scale",
+        "9",
+        "--guidance-rescale",
+        "0.7",
+        "--out",
+        str(tmp_path),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [alone_path] = list(tmp_path.glob("*.png"))
+
+    swept = np.asarray(Image.open(sweep["out"] / row["image"]).convert("RGB"))
+    alone = np.asarray(Image.open(alone_path).convert("RGB"))
+    difference = np.abs(swept.astype(int) - alone.astype(int))
+    assert difference.max() == 0, f"max difference {difference.max()} levels"
+    swept_record = read_json_chunk(sweep["out"] / row["image"], "renderqa")
+    alone_record = read_json_chunk(alone_path, "renderqa")
+    assert swept_record == alone_record
+
+
+def test_saturation_column_matches_hand_count(sweep, tiny_sdxl):
     from renderqa.core.pipeline import load_pipeline
     from renderqa.core.render import RenderRequest, render_batch
 
     rows = read_csv(sweep["out"] / "results.csv")
-    row = next(r for r in rows if r["guidance_rescale"] == "0.7" and r["seed"] == "1")
+    row = next(r for r in rows if r["guidance_rescale"] == "0" and r["seed"] == "0")
     loaded = load_pipeline(str(tiny_sdxl), device="cpu")
     request = RenderRequest(
         prompt=PROMPT,
-        seed=1,
+        seed=0,
         steps=STEPS,
         width=SIZE,
         height=SIZE,
         guidance_scale=9.0,
-        guidance_rescale=0.7,
+        guidance_rescale=0.0,
     )
-    alone = render_batch(loaded, [request])[0]
-    swept = np.asarray(Image.open(sweep["out"] / row["image"]).convert("RGB"))
-    difference = np.abs(swept.astype(int) - np.asarray(alone.image).astype(int))
-    assert difference.max() == 0, f"max difference {difference.max()} levels"
-
-    # The saturation column, computed here by hand from the decoded float pixels.
-    by_hand = float((alone.pixels > 0.97).any(axis=-1).mean())
+    pixels = render_batch(loaded, [request])[0].pixels
+    # Counted here by hand from the decoded float pixels, before quantising.
+    by_hand = float((pixels > 0.97).any(axis=-1).sum()) / (SIZE * SIZE)
     assert float(row["saturated_fraction"]) == pytest.approx(by_hand, abs=1e-12)
 
 
