@@ -395,3 +395,74 @@ def test_single_file_offline_needs_config(single_file_checkpoint, tmp_path):
     assert result.exit_code == 2, result.output
     assert "pass --config with a local diffusers folder" in result.output
     assert not out.exists()
+
+
+def test_repo_id_loads_from_hub_cache(tiny_pipelines, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--studio--tiny-sd15" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_pipelines / "tiny-sd15-eps", snapshot)
+    (cache / "models--studio--tiny-sd15" / "refs").mkdir()
+    (cache / "models--studio--tiny-sd15" / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    args = [
+        "--model",
+        "studio/tiny-sd15",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "renderqa.cli",
+            "render",
+            PROMPT,
+            *args,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    record = read_json_chunk(next(out.glob("*.png")), "renderqa")
+    assert record["model"] == "studio/tiny-sd15"
+    assert record["model_kind"] == "sd"
+
+
+def test_separate_vae_option_loads_folder(tiny_pipelines):
+    model = str(tiny_pipelines / "tiny-sdxl-eps")
+    request = RenderRequest(prompt=PROMPT, seed=1, steps=2, width=64, height=64)
+    own = render_batch(load_pipeline(model), [request])[0]
+    swapped = load_pipeline(model, vae=str(tiny_pipelines / "tiny-sdxl-eps" / "vae"))
+    again = render_batch(swapped, [request])[0]
+    assert swapped.vae_id.endswith("vae")
+    assert np.array_equal(own.pixels, again.pixels)
+
+
+def test_channels_last_matches_contiguous(tiny_pipelines):
+    model = str(tiny_pipelines / "tiny-sd15-v")
+    request = RenderRequest(prompt=PROMPT, seed=1, steps=3, width=64, height=64)
+    contiguous = render_batch(load_pipeline(model), [request])[0]
+    nhwc = render_batch(load_pipeline(model, channels_last=True), [request])[0]
+    assert np.abs(contiguous.pixels - nhwc.pixels).max() <= MAX_PIXEL_ERROR
+
+
+def test_bf16_vae_decode_is_recorded(tiny_pipelines):
+    loaded = load_pipeline(str(tiny_pipelines / "tiny-sd15-eps"), vae_dtype="bf16")
+    request = RenderRequest(prompt=PROMPT, seed=1, steps=2, width=64, height=64)
+    result = render_batch(loaded, [request])[0]
+    assert result.parameters["vae_dtype"] == "bf16"
+    assert result.finite
