@@ -1,9 +1,10 @@
 """Benchmark: per-step cost of renderqa's guidance against a plain diffusers call.
 
 Both sides run the same tiny SDXL fixture pipeline object at 256x256 (32x32
-latents, where the UNet dominates the step); renderqa adds guidance rescale 0.7,
-latent dynamic thresholding (mimic scale 5) and the std-ratio measurement. Runs are
-interleaved so machine load affects both alike; the ratio of medians is reported.
+latents, where the UNet dominates the step) and decode to pixels; renderqa adds
+guidance rescale 0.7, latent dynamic thresholding (mimic scale 5) and the std-ratio
+measurement. Runs are interleaved so machine load affects both alike; the ratios of
+median wall time and of median process CPU time are reported.
 
     .venv/bin/python tests/benchmarks/bench_render.py [--repeats 7] [--steps 10]
 """
@@ -31,10 +32,17 @@ PROMPT = "a red mug on a white background"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 makes process CPU time a fair measure on a busy machine",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     loaded = load_pipeline(str(FIXTURE), scheduler="euler", device=args.device)
     pipe = loaded.pipe
@@ -57,20 +65,20 @@ def main() -> None:
             height=args.size,
             guidance_scale=9.0,
             generator=torch.Generator("cpu").manual_seed(0),
-            output_type="latent",
+            output_type="np",
         )
 
     def ours() -> None:
         render_batch(loaded, [request])
 
-    def timed(function) -> float:
+    def timed(function) -> tuple[float, float]:
         if loaded.device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         function()
         if loaded.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
     plain()
     ours()
@@ -79,19 +87,21 @@ def main() -> None:
         plain_times.append(timed(plain))
         our_times.append(timed(ours))
 
-    plain_step = statistics.median(plain_times) / args.steps
-    our_step = statistics.median(our_times) / args.steps
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, device {loaded.device}"
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, device {loaded.device}, "
+        f"{args.threads} torch thread(s)"
     )
     print(
         f"{args.size}x{args.size}, {args.steps} steps, {args.repeats} interleaved repeats"
     )
-    print(f"plain diffusers: {1000 * plain_step:.1f} ms/step (median)")
-    print(
-        f"renderqa (rescale + latent threshold + std ratio, incl. decode): {1000 * our_step:.1f} ms/step"
-    )
-    print(f"ratio renderqa / plain: {our_step / plain_step:.3f}")
+    for label, column in (("wall", 0), ("process CPU", 1)):
+        plain_step = statistics.median(t[column] for t in plain_times) / args.steps
+        our_step = statistics.median(t[column] for t in our_times) / args.steps
+        print(
+            f"{label}: plain diffusers {1000 * plain_step:.1f} ms/step, renderqa "
+            f"{1000 * our_step:.1f} ms/step (median, both decoding), "
+            f"ratio {our_step / plain_step:.3f}"
+        )
 
 
 if __name__ == "__main__":
