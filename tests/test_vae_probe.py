@@ -20,6 +20,19 @@ from renderqa.core.errors import DeviceError, InvalidInputError
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Run these tiny decoders on one CPU thread, restoring the count afterwards.
+
+    Their tensors are too small for threads to help, and on a loaded machine the
+    threads of torch's pool wait for each other far longer than the work takes.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("vae-fixtures")
@@ -125,6 +138,16 @@ def test_fixed_vae_decodes_same_image_in_fp16(overflow_report):
     assert "alternate-fp16" in [
         option.run.label for option in overflow_report.verdict.options
     ]
+
+
+def test_overflow_predicted_without_fp16_run(built, known_latents):
+    report = probe({vp.MAIN_VAE: load(built, vf.OVERFLOW_DIR)}, known_latents, ["fp32"])
+    verdict = report.verdict
+    assert verdict.kind == "vae-overflow"
+    assert verdict.module == vf.OVERFLOW_MODULE
+    assert "would overflow" in verdict.summary
+    assert verdict.recommendation.run.label == "fp32"
+    assert verdict.recommendation.time_ratio == 1.0
 
 
 def test_healthy_vae_gets_clean_verdict(built, known_latents):
@@ -458,7 +481,110 @@ def test_cli_rejects_unrunnable_dtype(built, monkeypatch):
     )
 
 
+def test_cli_rejects_source_with_prompt(built):
+    result = invoke(str(built / vf.LATENTS_DIR / vf.KNOWN_LATENTS), "--seed", "3")
+    assert result.exit_code == 2
+    assert printed("cannot be combined with a latents file or PNG", result)
+
+
 def test_cli_requires_an_input():
     result = invoke("--dtypes", "fp16")
     assert result.exit_code == 2
     assert printed("nothing to probe", result)
+
+
+# Replaying renders on the tiny SDXL pipeline --------------------------------------
+
+REPLAY_REQUEST = {
+    "prompt": "a red mug",
+    "seed": 3,
+    "steps": 3,
+    "width": 64,
+    "height": 64,
+    "guidance_scale": 9.0,
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(tiny_pipelines, tmp_path_factory):
+    """Render one image with the tiny SDXL fixture; save the PNG and its latents."""
+    from renderqa.core.pipeline import load_pipeline
+    from renderqa.core.render import (
+        RenderRequest,
+        render_batch,
+        save_latents,
+        save_render,
+    )
+
+    folder = tmp_path_factory.mktemp("rendered")
+    model = str(tiny_pipelines / "tiny-sdxl-eps")
+    loaded = load_pipeline(model, device="cpu", dtype="fp32")
+    result = render_batch(loaded, [RenderRequest(**REPLAY_REQUEST)])[0]
+    save_render(result, folder / "render.png")
+    save_latents(result, folder / "render.latents.safetensors")
+    return folder, result
+
+
+def test_replay_reproduces_render_latents(rendered):
+    _, result = rendered
+    latents = vp.replay_render(result.parameters, device="cpu")
+    assert torch.equal(latents, result.latents)
+
+
+def test_cli_probes_renderqa_png(rendered, tmp_path):
+    folder, result = rendered
+    out = tmp_path / "probe"
+    args = [str(folder / "render.png"), "--dtypes", "fp16", "--no-timing"]
+    result_cli = invoke(*args, "--out", str(out))
+    assert result_cli.exit_code == 0, result_cli.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["latents"]["shape"] == [1, 4, 8, 8]
+    expected_std = result.latents.double().std(correction=0).item()
+    assert summary["latents"]["std"] == pytest.approx(expected_std, rel=1e-6)
+    assert summary["latents"]["scaling_factor"] == pytest.approx(0.13025)
+    assert [run["run"] for run in summary["runs"]] == ["fp32", "fp16"]
+
+
+def test_cli_probes_saved_latents_with_recorded_model(rendered, tmp_path):
+    folder, result = rendered
+    out = tmp_path / "probe"
+    latents_file = str(folder / "render.latents.safetensors")
+    cli = invoke(latents_file, "--dtypes", "bf16", "--no-timing", "--out", str(out))
+    assert cli.exit_code == 0, cli.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"][0]["vae"] == result.parameters["model"]
+    expected_std = result.latents.double().std(correction=0).item()
+    assert summary["latents"]["std"] == pytest.approx(expected_std, rel=1e-6)
+
+
+def test_cli_renders_from_prompt_and_seed(rendered, tiny_pipelines, tmp_path):
+    _, result = rendered
+    out = tmp_path / "probe"
+    options = []
+    for key, value in REPLAY_REQUEST.items():
+        options += [f"--{key.replace('_', '-')}", str(value)]
+    model = str(tiny_pipelines / "tiny-sdxl-eps")
+    cli = invoke(
+        "--model", model, *options, "--dtypes", "fp16", "--no-timing", "--out", str(out)
+    )
+    assert cli.exit_code == 0, cli.output
+    summary = json.loads((out / "summary.json").read_text())
+    expected_std = result.latents.double().std(correction=0).item()
+    assert summary["latents"]["std"] == pytest.approx(expected_std, rel=1e-6)
+
+
+def test_render_falls_back_on_overflow_vae(tiny_pipelines, built):
+    from renderqa.core.pipeline import load_pipeline
+    from renderqa.core.render import RenderRequest, render_batch
+
+    loaded = load_pipeline(
+        str(tiny_pipelines / "tiny-sdxl-eps"),
+        vae=str(built / vf.OVERFLOW_DIR),
+        device="cpu",
+        dtype="fp32",
+        vae_dtype="fp16",
+    )
+    result = render_batch(loaded, [RenderRequest(**REPLAY_REQUEST)])[0]
+    assert result.vae_fallback == "fp32"
+    assert result.finite
+    assert result.parameters["vae_fallback"] == "fp32"
