@@ -35,6 +35,7 @@ from renderqa.core.atomic import atomic_path, write_text_atomic
 from renderqa.core.devices import DTYPES
 from renderqa.core.errors import DeviceError, InvalidInputError, ModelLoadError
 from renderqa.core.imageio import save_png, to_uint8
+from renderqa.core.render import BLACK_LEVEL
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +230,8 @@ def _rank_value(value: float) -> float:
 
 
 def is_black(pixels: np.ndarray) -> bool:
-    """True when every channel of every pixel quantises to 0, NaN shown as 0."""
-    return bool(displayed_pixels(pixels).max(initial=0.0) < 0.5 / 255.0)
+    """True when the brightest value is below render's black level, NaN shown as 0."""
+    return bool(displayed_pixels(pixels).max(initial=0.0) < BLACK_LEVEL)
 
 
 def displayed_pixels(pixels: np.ndarray) -> np.ndarray:
