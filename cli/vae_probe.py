@@ -23,6 +23,7 @@ from renderqa.core.vae_probe import (
     DecodeRun,
     ModuleStats,
     ProbeReport,
+    check_dtypes_run,
     dtype_support_error,
     load_probe_vae,
     parse_dtypes,
@@ -57,7 +58,9 @@ def _check_options(
 def _choose_dtypes(text: str | None, device: torch.device) -> list[str]:
     """Parse --dtypes; without it, use every dtype this device can decode in."""
     if text is not None:
-        return parse_dtypes(text)
+        names = parse_dtypes(text)
+        check_dtypes_run(device, names)  # before any model loads
+        return names
     usable = []
     for name in DTYPES:
         reason = dtype_support_error(device, name)

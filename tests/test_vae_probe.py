@@ -432,6 +432,45 @@ def test_cli_reports_overflow_module(built, tmp_path):
     assert (tmp_path / "probe" / "decode-fp16.png").is_file()
 
 
+def test_cli_tiled_probe_with_second_vae(built, tmp_path):
+    out = tmp_path / "probe"
+    result = invoke(
+        str(built / vf.LATENTS_DIR / vf.KNOWN_LATENTS),
+        "--model",
+        str(built / vf.OVERFLOW_DIR),
+        "--vae",
+        str(built / vf.FIXED_DIR),
+        "--dtypes",
+        "fp16",
+        "--tile-size",
+        "16",
+        "--no-timing",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tiling"] is True
+    assert [run["run"] for run in summary["runs"]] == ["fp32", "fp16", "alternate-fp16"]
+    fixes = [fix["run"] for fix in summary["fixes"]]
+    assert sorted(fixes) == ["alternate-fp16", "fp32"]
+    frame = pd.read_csv(out / "modules.csv")
+    conv_in = frame[frame.module == "decoder.conv_in"]
+    assert conv_in.calls.tolist() == [9, 9, 9]
+
+
+def test_cli_rejects_tile_size_off_the_grid(built):
+    result = invoke(
+        str(built / vf.LATENTS_DIR / vf.KNOWN_LATENTS),
+        "--model",
+        str(built / vf.HEALTHY_DIR),
+        "--tile-size",
+        "7",
+    )
+    assert result.exit_code == 2
+    assert printed("--tile-size 7: must be a positive multiple of 2", result)
+
+
 def test_cli_rejects_wrong_channel_count(built, tmp_path):
     path = tmp_path / "three.latents.safetensors"
     save_file({"latents": torch.zeros(1, 3, 8, 8)}, str(path))
