@@ -92,6 +92,16 @@ def test_fixture_peak_is_known_module_in_fp32(overflow_report):
     assert max(stats.max_abs for stats in earlier) < 100.0
 
 
+def test_fixture_weights_are_deterministic():
+    latents = vf.make_known_latents()
+    assert torch.equal(latents, vf.make_known_latents())
+    first = vf.make_overflow_vae(latents).state_dict()
+    second = vf.make_overflow_vae(latents).state_dict()
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+
+
 def test_fp16_overflow_names_module_inf_and_black(overflow_report):
     fp16 = run_named(overflow_report, "fp16")
     assert fp16.first_above_fp16_max.name == vf.OVERFLOW_MODULE
