@@ -18,6 +18,7 @@ from renderqa.core.vae_probe import (
     ALTERNATE_VAE,
     DEFAULT_MIN_PSNR,
     DEFAULT_WARNING_LEVEL,
+    FIXABLE_VERDICTS,
     FP16_MAX,
     MAIN_VAE,
     DecodeRun,
@@ -295,7 +296,7 @@ def _print_latents(report: ProbeReport) -> None:
 def _print_verdict(report: ProbeReport) -> None:
     verdict = report.verdict
     colour = "green" if verdict.kind == "clean" else "yellow"
-    if verdict.kind in {"vae-overflow", "vae-nonfinite", "latents"}:
+    if verdict.kind in (*FIXABLE_VERDICTS, "latents"):
         colour = "red"
     stdout_console.print(
         f"[bold {colour}]verdict: {verdict.kind}[/] - {verdict.summary}",
@@ -309,7 +310,7 @@ def _print_verdict(report: ProbeReport) -> None:
             highlight=False,
             soft_wrap=True,
         )
-    if verdict.kind in {"vae-overflow", "vae-nonfinite"}:
+    if verdict.kind in FIXABLE_VERDICTS:
         for option in verdict.options:
             memory = (
                 ""

@@ -55,6 +55,9 @@ LATENT_STD_RATIO_MIN = 0.1
 LATENT_MAX_ABS = 20.0
 LATENT_MEAN_ABS_MAX = 3.0
 
+# Verdicts that a change of dtype or VAE can fix, so they come with a recommendation.
+FIXABLE_VERDICTS = ("vae-overflow", "vae-nonfinite", "precision-loss")
+
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -192,7 +195,7 @@ class FixOption:
 class Verdict:
     """The failure the probe found, the module where it starts, and the fixes."""
 
-    kind: str  # clean, near-overflow, vae-overflow, latents, vae-nonfinite
+    kind: str  # one of FIXABLE_VERDICTS, or clean, near-overflow, latents
     summary: str
     module: str | None = None
     baseline: str | None = None  # label of the run the costs are measured against
@@ -200,7 +203,7 @@ class Verdict:
 
     @property
     def recommendation(self) -> FixOption | None:
-        if self.kind in {"vae-overflow", "vae-nonfinite"} and self.options:
+        if self.kind in FIXABLE_VERDICTS and self.options:
             return self.options[0]
         return None
 
@@ -747,16 +750,7 @@ def diagnose(
     if overflow is not None:
         return _overflow_verdict(verdict, baseline, reference, overflow)
     if failing:
-        run = failing[0]
-        where = run.first_nonfinite.name if run.first_nonfinite else "the output"
-        verdict.kind = "vae-nonfinite"
-        verdict.module = run.first_nonfinite.name if run.first_nonfinite else None
-        verdict.summary = (
-            f"the {run.label} decode fails (finite: {run.finite}, black: "
-            f"{run.black}) without exceeding the fp16 maximum; non-finite values "
-            f"first appear at {where}"
-        )
-        return verdict
+        return _failing_run_verdict(verdict, failing[0], min_psnr)
     near = reference.first_above_warning or baseline.first_above_warning
     if near is not None:
         verdict.kind = "near-overflow"
@@ -791,6 +785,26 @@ def _latents_verdict(
         f"the latents are extreme ({'; '.join(latents.problems)}), so the VAE is not "
         "the cause: check the UNet, LoRA weights, guidance and sampler settings"
         + consequence
+    )
+    return verdict
+
+
+def _failing_run_verdict(verdict: Verdict, run: DecodeRun, min_psnr: float) -> Verdict:
+    first = run.first_nonfinite
+    verdict.module = first.name if first else None
+    if not run.finite or run.black:
+        verdict.kind = "vae-nonfinite"
+        where = f"{first.nonfinite} first appears at {first.name}" if first else ""
+        outcome = "decodes black" if run.finite else "is non-finite"
+        verdict.summary = (
+            f"the {run.label} decode {outcome} without exceeding the fp16 maximum"
+            + (f"; {where}" if where else "")
+        )
+        return verdict
+    verdict.kind = "precision-loss"
+    verdict.summary = (
+        f"the {run.label} decode is finite but differs from the fp32 decode "
+        f"(PSNR {run.psnr:.1f} dB, below {min_psnr:g} dB)"
     )
     return verdict
 

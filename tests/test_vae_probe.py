@@ -180,6 +180,31 @@ def test_extreme_latents_diagnosed_as_latents(built):
     assert "std" in report.verdict.summary
 
 
+def test_imprecise_bf16_gives_precision_loss(built, known_latents):
+    report = probe(
+        {vp.MAIN_VAE: load(built, vf.HEALTHY_DIR)},
+        known_latents,
+        ["bf16"],
+        min_psnr=70.0,  # bf16 reaches about 55 dB on this fixture
+    )
+    verdict = report.verdict
+    assert verdict.kind == "precision-loss"
+    assert "PSNR" in verdict.summary
+    assert verdict.recommendation.run.label == "fp32"
+
+
+@torch.no_grad()
+def test_nan_weights_give_vae_nonfinite(built, known_latents):
+    vae, name = load(built, vf.HEALTHY_DIR)
+    vae.decoder.conv_norm_out.weight[0] = math.nan
+    report = probe({vp.MAIN_VAE: (vae, name)}, known_latents, ["fp16"])
+    verdict = report.verdict
+    assert verdict.kind == "vae-nonfinite"
+    assert verdict.module == "decoder.conv_norm_out"
+    assert "even the fp32 decode" in verdict.summary
+    assert verdict.recommendation is None  # no probed decode works
+
+
 def test_lower_warning_level_gives_near_overflow(built, known_latents):
     report = probe(
         {vp.MAIN_VAE: load(built, vf.FIXED_DIR)},
