@@ -220,7 +220,7 @@ def _runs_table(report: ProbeReport) -> Table:
         "SSIM",
     )
     for header in headers:
-        table.add_column(header, overflow="fold")
+        table.add_column(header, overflow="fold", no_wrap=header == "run")
     for run in report.runs:
         first_bad = run.first_nonfinite
         table.add_row(
