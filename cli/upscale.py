@@ -21,7 +21,6 @@ from renderqa.core.upscale_image import (
     OUTPUT_FORMATS,
     output_path,
     save_upscaled,
-    to_pil,
     upscale_image,
 )
 from renderqa.core.upscale_model import Upscaler, load_upscaler
@@ -76,7 +75,8 @@ def _upscale_one(
     target = output_path(path, out, upscaler.scale, fmt)
     save_upscaled(
         target,
-        to_pil(result, image.bit_depth),
+        result,
+        image.bit_depth,
         fmt,
         image.icc_profile,
         {**metadata, "source": path.name},

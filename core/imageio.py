@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from renderqa.core.atomic import atomic_path
+from renderqa.core.atomic import atomic_path, write_bytes_atomic
 from renderqa.core.errors import ImageReadError
 
 # Pillow's own default limit (about 89.5 megapixels) warns rather than fails below
@@ -69,18 +72,70 @@ def load_image(
                     "pixels (a possible decompression bomb); raise the limit if the "
                     "file is trusted"
                 )
+            wide_colour = _is_16bit_colour_png(image)
             image.load()
+            if wide_colour:
+                return _load_16bit_colour_png(path, image)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        imagecodecs.PngError,
+    ) as error:
         raise ImageReadError(f"{path}: cannot decode image ({error})") from None
     except Image.DecompressionBombWarning as error:
         raise ImageReadError(
             f"{path}: rejected as a decompression bomb ({error})"
         ) from None
     return _to_loaded_image(path, image)
+
+
+def _is_16bit_colour_png(image: Image.Image) -> bool:
+    """Tell whether Pillow would truncate this PNG's 16-bit RGB(A) samples to 8 bits."""
+    if image.format != "PNG" or image.mode not in {"RGB", "RGBA"} or not image.tile:
+        return False
+    rawmode = image.tile[0].args
+    return isinstance(rawmode, str) and rawmode.endswith(";16B")
+
+
+# EXIF orientation tag value -> the numpy transform that displays the image upright,
+# matching Pillow's ImageOps.exif_transpose.
+_ORIENTATIONS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _load_16bit_colour_png(path: Path, image: Image.Image) -> LoadedImage:
+    """Decode a 16-bit RGB(A) PNG at full precision with imagecodecs.
+
+    Pillow has no 16-bit colour mode, so it keeps only the high byte; Pillow still
+    supplies the ICC profile, text chunks and EXIF orientation.
+    """
+    samples = imagecodecs.png_decode(path.read_bytes())
+    orientation = image.getexif().get(0x0112, 1)
+    samples = _ORIENTATIONS.get(orientation, lambda a: a)(samples)
+    values = samples.astype(np.float32) / 65535.0
+    alpha = values[..., 3] if values.shape[2] == 4 else None
+    return LoadedImage(
+        path=path,
+        pixels=np.ascontiguousarray(values[..., :3]),
+        alpha=None if alpha is None else np.ascontiguousarray(alpha),
+        bit_depth=16,
+        mode=f"{image.mode};16",
+        icc_profile=image.info.get("icc_profile"),
+        info=dict(image.info),
+    )
 
 
 def _to_loaded_image(path: Path, image: Image.Image) -> LoadedImage:
@@ -144,6 +199,52 @@ def save_png(
             metadata.add_itxt(key, value)
     with atomic_path(path) as tmp_path:
         image.save(tmp_path, format="PNG", pnginfo=metadata, icc_profile=icc_profile)
+
+
+def to_uint16(pixels: np.ndarray) -> np.ndarray:
+    """Quantise [0, 1] floats to uint16 with round-half-to-even, clipping out-of-range."""
+    return np.round(np.clip(pixels, 0.0, 1.0) * 65535.0).astype(np.uint16)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    checksum = zlib.crc32(kind + data)
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", checksum)
+
+
+def save_png16(
+    path: str | os.PathLike[str],
+    samples: np.ndarray,
+    text: dict[str, str] | None = None,
+    icc_profile: bytes | None = None,
+) -> None:
+    """Write (H, W, C) uint16 samples as a 16-bit PNG atomically, C in 1 to 4.
+
+    Pillow cannot write 16-bit colour, so the chunks are written here: IHDR, iCCP,
+    tEXt/iTXt, one IDAT with filter type 0 on every row, IEND.
+    """
+    height, width, channels = samples.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    rows = samples.astype(">u2").reshape(height, width * channels)
+    filter_bytes = np.zeros((height, 1), dtype=np.uint8)
+    scanlines = np.concatenate([filter_bytes, rows.view(np.uint8)], axis=1)
+    chunks = [_png_chunk(b"IHDR", header)]
+    if icc_profile is not None:
+        chunks.append(
+            _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc_profile))
+        )
+    for key, value in (text or {}).items():
+        if value.isascii():
+            chunks.append(_png_chunk(b"tEXt", f"{key}\0{value}".encode("latin-1")))
+        else:
+            chunks.append(
+                _png_chunk(
+                    b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode()
+                )
+            )
+    chunks.append(_png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)))
+    chunks.append(_png_chunk(b"IEND", b""))
+    write_bytes_atomic(path, b"\x89PNG\r\n\x1a\n" + b"".join(chunks))
 
 
 def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:

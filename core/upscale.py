@@ -134,19 +134,22 @@ def upscale_array(
 
 def _axis_profiles(
     length: int, tile: int, overlap: int, scale: int, blend: str
-) -> tuple[list[int], list[np.ndarray]]:
-    """Return tile starts (input pixels) and each tile's 1-D weight profile."""
+) -> tuple[list[int], list[tuple[int, int]], dict[tuple[int, int], np.ndarray]]:
+    """Return tile starts (input pixels), each tile's (rise, fall) overlaps in
+    output pixels, and the 1-D weight profile for each distinct (rise, fall)."""
     starts = tile_starts(length, tile, overlap)
     span = min(tile, length)
     ramp = get_ramp(blend)
-    profiles = []
+    edges = []
     for index, begin in enumerate(starts):
         rise = starts[index - 1] + span - begin if index > 0 else 0
         fall = begin + span - starts[index + 1] if index + 1 < len(starts) else 0
-        profiles.append(
-            edge_profile(span * scale, rise * scale, fall * scale, ramp, scale)
-        )
-    return starts, profiles
+        edges.append((rise * scale, fall * scale))
+    profiles = {
+        edge: edge_profile(span * scale, edge[0], edge[1], ramp, scale)
+        for edge in set(edges)
+    }
+    return starts, edges, profiles
 
 
 def _run_plan(
@@ -162,8 +165,14 @@ def _run_plan(
     height, width, _ = pixels.shape
     channels = upscaler.output_channels
     scale = upscaler.scale
-    rows, row_profiles = _axis_profiles(height, tile, overlap, scale, settings.blend)
-    cols, col_profiles = _axis_profiles(width, tile, overlap, scale, settings.blend)
+    rows, row_edges, row_profiles = _axis_profiles(
+        height, tile, overlap, scale, settings.blend
+    )
+    cols, col_edges, col_profiles = _axis_profiles(
+        width, tile, overlap, scale, settings.blend
+    )
+    # Interior tiles share one window, so a plan needs only a few distinct ones.
+    windows: dict[tuple, np.ndarray] = {}
     tile_h, tile_w = min(tile, height), min(tile, width)
     plan = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
 
@@ -185,7 +194,11 @@ def _run_plan(
         upscaled, redone = run_tiles(tiles, upscaler)
         retries += redone
         for (r, c), output in zip(batch, upscaled.numpy(), strict=True):
-            window = quantize_window(np.outer(row_profiles[r], col_profiles[c]))
+            key = (row_edges[r], col_edges[c])
+            if key not in windows:
+                outer = np.outer(row_profiles[key[0]], col_profiles[key[1]])
+                windows[key] = quantize_window(outer)
+            window = windows[key]
             top, left = rows[r] * scale, cols[c] * scale
             region = np.s_[top : top + tile_h * scale, left : left + tile_w * scale]
             canvas[region] += output.transpose(1, 2, 0) * window[..., None]

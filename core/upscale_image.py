@@ -18,7 +18,13 @@ from PIL import Image
 
 from renderqa.core.atomic import atomic_path
 from renderqa.core.errors import InvalidInputError, OutputError
-from renderqa.core.imageio import LoadedImage, save_png, to_uint8
+from renderqa.core.imageio import (
+    LoadedImage,
+    save_png,
+    save_png16,
+    to_uint8,
+    to_uint16,
+)
 from renderqa.core.upscale import ProgressCallback, TiledResult, TileSettings
 from renderqa.core.upscale import upscale_array as _upscale_array
 from renderqa.core.upscale_model import Upscaler
@@ -105,22 +111,20 @@ def upscale_image(
     return UpscaledImage(pixels=pixels, alpha=alpha, passes=passes)
 
 
-def to_pil(result: UpscaledImage, bit_depth: int) -> Image.Image:
-    """Quantise an upscaled image to a Pillow image of the source's precision.
-
-    16-bit precision is kept for greyscale without alpha (Pillow's I;16 mode);
-    Pillow has no 16-bit RGB or RGBA mode, so those are written with 8 bits.
-    """
-    grey = result.pixels.shape[2] == 1
-    if grey and result.alpha is None and bit_depth == 16:
-        samples = np.round(np.clip(result.pixels[..., 0], 0, 1) * 65535)
-        return Image.fromarray(samples.astype(np.uint16))
+def to_pil(result: UpscaledImage) -> Image.Image:
+    """Quantise an upscaled image to an 8-bit Pillow image (L, LA, RGB or RGBA)."""
     colour = to_uint8(result.pixels)
-    colour = colour[..., 0] if grey else colour
-    if result.alpha is None:
-        return Image.fromarray(colour)
-    layers = [colour[..., None] if grey else colour, to_uint8(result.alpha)[..., None]]
-    return Image.fromarray(np.concatenate(layers, axis=2))
+    if result.alpha is not None:
+        colour = np.concatenate([colour, to_uint8(result.alpha)[..., None]], axis=2)
+    return Image.fromarray(colour[..., 0] if colour.shape[2] == 1 else colour)
+
+
+def to_uint16_samples(result: UpscaledImage) -> np.ndarray:
+    """Quantise an upscaled image to (H, W, C) uint16 samples, alpha last."""
+    samples = to_uint16(result.pixels)
+    if result.alpha is not None:
+        samples = np.concatenate([samples, to_uint16(result.alpha)[..., None]], axis=2)
+    return samples
 
 
 def output_path(source: Path, out_dir: Path, scale: int, fmt: str) -> Path:
@@ -131,34 +135,37 @@ def output_path(source: Path, out_dir: Path, scale: int, fmt: str) -> Path:
 
 def save_upscaled(
     path: Path,
-    image: Image.Image,
+    result: UpscaledImage,
+    bit_depth: int,
     fmt: str,
     icc_profile: bytes | None,
     metadata: dict,
 ) -> None:
     """Write an upscaled image atomically, keeping the source's ICC profile.
 
-    PNG files also get the run's settings as JSON in a text chunk.
+    A 16-bit source written as PNG stays 16-bit; other formats are written with 8
+    bits per sample. PNG files also get the run's settings as JSON in a text chunk.
     """
     if fmt not in OUTPUT_FORMATS:
         raise InvalidInputError(
             f"--format {fmt!r} is unknown; use one of {', '.join(OUTPUT_FORMATS)}"
         )
+    if fmt == "jpeg" and result.alpha is not None:
+        raise InvalidInputError(
+            f"{path.name}: --format jpeg cannot store alpha; use --format png or tiff"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "png":
-            text = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
-            save_png(path, image, text=text, icc_profile=icc_profile)
-            return
-        if fmt == "jpeg" and image.mode in {"RGBA", "LA", "I;16"}:
-            raise InvalidInputError(
-                f"--format jpeg cannot store {image.mode} images (alpha or 16-bit); "
-                "use --format png or tiff"
-            )
-        options = {"quality": 95} if fmt in {"jpeg", "webp"} else {}
-        if icc_profile is not None:
-            options["icc_profile"] = icc_profile
-        with atomic_path(path) as tmp_path:
-            image.save(tmp_path, format=fmt.upper(), **options)
+        text = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+        if fmt == "png" and bit_depth == 16:
+            save_png16(path, to_uint16_samples(result), text, icc_profile)
+        elif fmt == "png":
+            save_png(path, to_pil(result), text=text, icc_profile=icc_profile)
+        else:
+            options = {"quality": 95} if fmt in {"jpeg", "webp"} else {}
+            if icc_profile is not None:
+                options["icc_profile"] = icc_profile
+            with atomic_path(path) as tmp_path:
+                to_pil(result).save(tmp_path, format=fmt.upper(), **options)
     except OSError as error:
         raise OutputError(f"{path}: cannot write output ({error})") from None
