@@ -3,7 +3,7 @@
 A window is a rising ramp over one overlap of `length` output pixels: the weight
 of the later tile at each pixel of the overlap. The earlier tile gets 1 minus the
 ramp, so two tiles sharing an overlap always have weights summing to 1 there. A
-tile's 2-D window is the product of its four edge profiles; an edge on the image
+tile's 2-D window is the product of its four edge profiles. An edge on the image
 border does not fall, so border pixels keep full weight.
 
 Registered windows (`BLEND_WINDOWS`, which the CLI's --blend choices come from):
@@ -101,9 +101,9 @@ def edge_profile(
 
 
 # Window weights are rounded to multiples of 2**-20. A float32 sample has a 24-bit
-# significand, so each product sample * weight is exact in float64, their sum over
-# at most 9 tiles stays below 2**53, and dividing by the summed weight gives back
-# the sample exactly wherever every tile produced the same value.
+# significand, so each product sample * weight is exact in float64. Their sum over
+# at most 9 tiles stays below 2**53. Dividing by the summed weight therefore gives
+# back the sample exactly wherever every tile produced the same value.
 WEIGHT_STEP = 2.0**-20
 
 

@@ -29,8 +29,9 @@ from renderqa.core.errors import InvalidInputError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-# Forward(tiles) -> upscaled tiles. Input (B, C, h, w) in [0, 1] on the runner's
-# device and dtype; output (B, C_out, h * scale, w * scale) in [0, 1], same dtype.
+# Forward(tiles) -> upscaled tiles. The input is (B, C, h, w) in [0, 1] on the
+# runner's device and dtype. The output is (B, C_out, h * scale, w * scale) in
+# [0, 1] with the same dtype.
 TileForward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -134,7 +135,7 @@ def make_forward(descriptor: ImageModelDescriptor, channels_last: bool) -> TileF
     """Wrap a descriptor so that a non-finite raw output comes back as NaN.
 
     spandrel clamps outputs to [0, 1], which turns an fp16 overflow (inf) into a
-    plausible white pixel. A forward hook sees the raw output first, and the tiles
+    plausible white pixel. A forward hook receives the raw output first, and the tiles
     it flags are filled with NaN so the tiler's non-finite check catches them.
     """
     flags: dict[str, torch.Tensor] = {}
@@ -166,8 +167,8 @@ def _lazy_fp32_forward(
     """Return an fp32 forward built on first use from a CPU copy of the weights.
 
     The copy is taken before the conversion to fp16 or bf16, because converting
-    back would keep that rounding, and it moves to the device only when a tile
-    needs it, so runs without a failed tile hold one copy of the model there.
+    back would keep that rounding. It moves to the device only when a tile needs
+    it, so a run without a failed tile keeps one copy of the model there.
     """
     cpu_copy = copy.deepcopy(descriptor)
     built: list[TileForward] = []
