@@ -43,8 +43,8 @@ def estimate_grid(
     candidates = []
     for period in range(min_period, length // 2 + 1):
         comb = _comb_means(jittered, period)
-        offset = int(np.argmax(comb)) + 1
-        candidates.append((float(comb[offset]), period, offset))
+        best = int(np.argmax(comb))
+        candidates.append((float(comb[best]), period, best + 1))
     if not candidates:
         return None
     top = max(score for score, _, _ in candidates)
@@ -54,7 +54,16 @@ def estimate_grid(
         (entry for entry in candidates if entry[0] >= 0.8 * top),
         key=lambda entry: entry[1],
     )
-    offset = _refine_offset(log_score, period, offset)
+    # The jittered comb cannot tell P from P + 1 over a few lines; the exact one can.
+    exact = [
+        (float(comb.max()), candidate, int(np.argmax(comb)) + 1)
+        for candidate in (period - 1, period, period + 1)
+        if min_period <= candidate <= length // 2
+        for comb in [_comb_means(log_score, candidate)]
+    ]
+    _, period, offset = max(exact, key=lambda entry: (entry[0], -entry[1]))
+
+    period, offset = _shortest_divisor(line_score, period, offset, factor, min_period)
 
     positions = tuple(range(offset, length, period))
     best = np.array([line_score[max(p - 1, 0) : p + 2].max() for p in positions])
@@ -72,15 +81,32 @@ def estimate_grid(
 def _comb_means(values: np.ndarray, period: int) -> np.ndarray:
     """Return, for each offset o in 1..period, the mean of values[o::period].
 
-    Index i of the result is offset i + 1: position 0 is the image border, never a
-    boundary, and must not drag down the comb of offset 0 (which is offset `period`).
+    Index i of the result is offset i + 1. Positions 0 and L are the image borders,
+    never boundaries, so they must not drag down any comb.
     """
-    count = (len(values) - 1) // period
+    count = (len(values) - 2) // period  # positions 1 .. L - 1; L is the border
     return values[1 : 1 + count * period].reshape(count, period).mean(axis=0)
 
 
-def _refine_offset(log_score: np.ndarray, period: int, offset: int) -> int:
-    """Return the offset within one pixel of `offset` whose exact comb scores best."""
-    comb = _comb_means(log_score, period)
-    candidates = [(offset - 1 + shift) % period + 1 for shift in (0, -1, 1)]
-    return max(candidates, key=lambda candidate: comb[candidate - 1])
+def _shortest_divisor(
+    line_score: np.ndarray, period: int, offset: int, factor: float, min_period: int
+) -> tuple[int, int]:
+    """Return the shortest period P / m whose comb through `offset` is mostly seams.
+
+    A grid whose every other boundary is weaker scores best at twice its period;
+    this recovers the true period when at least half of the lines that the finer
+    comb adds (within one pixel) reach `factor`.
+    """
+    length = len(line_score) - 1
+    for divisor in range(period // min_period, 1, -1):
+        candidate = round(period / divisor)
+        start = offset % candidate or candidate
+        added = [
+            p
+            for p in range(start, length - 1, candidate)
+            if abs((p - offset + 1) % period - 1) > 1
+        ]
+        best = [line_score[max(p - 1, 0) : p + 2].max() for p in added]
+        if best and np.mean(np.array(best) >= factor) >= 0.5:
+            return candidate, start
+    return period, offset

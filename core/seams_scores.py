@@ -10,14 +10,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from renderqa.core.seams_profiles import AxisProfile
 
-# Small periods at which images carry regular line structure of their own: JPEG
-# and WebP blocks (8, 16; 4 for WebP's sub-blocks) and nearest-neighbour upscales
-# by those factors. A line is also compared with the lines at these distances.
-GRID_PERIODS = (4, 8, 16)
+# Small periods at which images carry regular line structure of their own: the
+# phases of an integer upscale (2 to 8; every other column of a 2x bicubic upscale
+# has larger gradients) and JPEG and WebP blocks (4, 8, 16). A line is also
+# compared with the lines at these distances.
+GRID_PERIODS = (2, 3, 4, 5, 6, 7, 8, 16)
+
+
+# Fraction of the mean |grey step| of nearby lines below which the tone reference
+# never falls.
+TONE_ACTIVITY = 0.1
+
+# The fraction of a line's segments that must show a term for the line to score.
+LINE_QUANTILE = 0.75
+
+# A line scores only if its spike is at least this fraction of its own mean
+# |gradient|. A seam is a one-pixel step, so the two are close; a soft object edge
+# spread over several pixels has a large gradient but a small spike (about
+# 1 / (2 sigma^2) of it for a Gaussian edge of width sigma, so 0.12 at sigma = 2).
+MIN_SHARPNESS = 0.25
 
 
 @dataclass
@@ -49,13 +63,26 @@ def score_axis(
     line), divided by the median of nearby lines, or by the floor (grey levels)
     where nearby lines are flatter than that.
     """
-    spike = np.median(profile.mean_spike, axis=0)
+    spike = along_line(profile.mean_spike)
     spike_reference = neighbourhood_median(spike, window, 2, periodic=True)
     strength_ratio = spike / np.maximum(spike_reference, spike_floor)
+    gradient = along_line(profile.mean_abs_difference)
+    strength_ratio[spike < MIN_SHARPNESS * gradient] = 0.0
 
     tone_step = np.median(np.abs(tone_steps(profile.band_means)), axis=0)
     tone_reference = neighbourhood_median(tone_step, window, 2, periodic=True)
+    # A tone step of one grey level is visible on a flat background and hidden in
+    # texture, where the band means of nearby lines step by as much on their own.
+    difference = profile.line_mean_abs_difference()
+    neighbour_difference = neighbourhood_median(difference, window, 2)
+    tone_reference = np.maximum(tone_reference, TONE_ACTIVITY * neighbour_difference)
     tone_ratio = tone_step / np.maximum(tone_reference, tone_floor)
+    # The sharpness of the tone step is judged on the whole line's band means, where
+    # texture averages out but a soft edge across the whole line does not.
+    weights = profile.segment_lengths / profile.segment_lengths.sum()
+    band_step = np.zeros_like(tone_step)
+    band_step[1:-1] = np.abs(np.diff(weights @ profile.band_means))
+    tone_ratio[tone_step < MIN_SHARPNESS * band_step] = 0.0
 
     # Lines within `window` pixels of the image border are not scored: any model
     # with zero padding leaves artefacts there, tiled or not, and the terms need
@@ -63,15 +90,24 @@ def score_axis(
     for ratio in (strength_ratio, tone_ratio):
         ratio[: window + 1] = 0.0
         ratio[-window - 1 :] = 0.0
-    difference = profile.line_mean_abs_difference()
     return AxisScores(
         orientation=orientation,
         difference=difference,
-        neighbour_difference=neighbourhood_median(difference, window, 2),
+        neighbour_difference=neighbour_difference,
         strength_ratio=strength_ratio,
         tone_step=tone_step,
         tone_ratio=tone_ratio,
     )
+
+
+def along_line(per_segment: np.ndarray) -> np.ndarray:
+    """Return, per line, the value that LINE_QUANTILE of its segments reach or exceed.
+
+    `per_segment` is (K, L + 1). A seam runs the whole length of the image, but an
+    object edge rarely covers three quarters of it, so this is the statistic
+    that separates them.
+    """
+    return np.quantile(per_segment, 1.0 - LINE_QUANTILE, axis=0)
 
 
 def tone_steps(band_means: np.ndarray) -> np.ndarray:
@@ -106,17 +142,27 @@ def neighbourhood_median(
     lines 1 to 4 periods away, for each period in GRID_PERIODS, so a line of a
     small-period grid is compared with the other lines of its grid.
     """
-    footprint = np.zeros(2 * window + 1, dtype=bool)
-    footprint[: window - exclude + 1] = True
-    footprint[window + exclude :] = True
-    reference = ndimage.median_filter(values, footprint=footprint, mode="reflect")
+    near = [k for k in range(exclude, window + 1)]
+    reference = median_at_offsets(values, [-k for k in near] + near)
     if periodic:
         for period in GRID_PERIODS:
-            phase_footprint = np.zeros(8 * period + 1, dtype=bool)
-            phase_footprint[::period] = True
-            phase_footprint[4 * period] = False
-            phase_reference = ndimage.median_filter(
-                values, footprint=phase_footprint, mode="reflect"
+            far = [k * period for k in range(1, 5)]
+            np.maximum(
+                reference,
+                median_at_offsets(values, [-k for k in far] + far),
+                out=reference,
             )
-            np.maximum(reference, phase_reference, out=reference)
     return reference
+
+
+def median_at_offsets(values: np.ndarray, offsets: list[int]) -> np.ndarray:
+    """Return, per position i, the median of values[i + k] over `offsets` k.
+
+    The axis is mirrored at both ends. NOTE: scipy.ndimage.median_filter is not used
+    because in scipy 1.17.1 its 1-D path ignores the holes of a footprint.
+    """
+    reach = max(abs(k) for k in offsets)
+    padded = np.pad(values, reach, mode="symmetric")
+    length = len(values)
+    stacked = np.stack([padded[reach + k : reach + k + length] for k in offsets])
+    return np.median(stacked, axis=0)
