@@ -15,7 +15,7 @@ import io
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -104,12 +104,10 @@ class SweepDefinition:
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED
     clip_resize: str = "pad"
     saturation_threshold: str = "0.97"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def identity(self) -> dict[str, Any]:
         """Return the settings the hash covers, as JSON-ready values."""
         data = dataclasses.asdict(self)
-        data.pop("extra")
         data["thresholds"] = [choice.label for choice in self.thresholds]
         return data
 

@@ -1,7 +1,7 @@
 """The sweep-rescale command end to end on the tiny SDXL pipeline and tiny CLIP.
 
 One sweep (1 prompt x 2 seeds x 2 rescale factors at guidance 9) runs once per
-module; the tests read its outputs, rerun it, and check bad input on the CLI.
+module. The tests read its outputs and rerun it, and others check bad input.
 """
 
 from __future__ import annotations
@@ -47,7 +47,15 @@ def clip_files(tmp_path_factory) -> Path:
     return make_tiny_clip.built_or_build(BUILD_DIR, tmp_path_factory.mktemp("clip"))
 
 
-def sweep_args(model: Path, clip: Path, out: Path, *extra: str) -> list[str]:
+def sweep_args(
+    model: Path,
+    clip: Path,
+    out: Path,
+    *extra: str,
+    seeds: str = "0-1",
+    guidance_scale: str = "9",
+    guidance_rescale: str = "0,0.7",
+) -> list[str]:
     return [
         "sweep-rescale",
         "--model",
@@ -55,11 +63,11 @@ def sweep_args(model: Path, clip: Path, out: Path, *extra: str) -> list[str]:
         "--prompt",
         PROMPT,
         "--seeds",
-        "0-1",
+        seeds,
         "--guidance-scale",
-        "9",
+        guidance_scale,
         "--guidance-rescale",
-        "0,0.7",
+        guidance_rescale,
         "--steps",
         str(STEPS),
         "--width",
@@ -216,7 +224,7 @@ def test_rerun_skips_finished_rows(sweep):
 
 def test_different_sweep_in_same_folder_is_rejected(sweep):
     before = (sweep["out"] / "results.csv").read_bytes()
-    args = [a if a != "0,0.7" else "0,0.5" for a in sweep["args"]]
+    args = [arg if arg != "0,0.7" else "0,0.5" for arg in sweep["args"]]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "contains a different sweep" in " ".join(result.output.split())
@@ -226,8 +234,8 @@ def test_different_sweep_in_same_folder_is_rejected(sweep):
 
 def test_load_failure_with_overwrite_keeps_old_results(sweep):
     before = (sweep["out"] / "results.csv").read_bytes()
-    args = sweep_args(Path("no/such-model-folder"), Path("/nonexistent"), sweep["out"])
-    args = [*args[:-2], "--clip-model", "ViT-B-99", "--out", str(sweep["out"])]
+    args = ["sweep-rescale", "--model", "no/such-model", "--prompt", PROMPT]
+    args += ["--clip-model", "ViT-B-99", "--out", str(sweep["out"])]
     result = CliRunner().invoke(app, [*args, "--overwrite"])
     assert result.exit_code == 2
     assert "'ViT-B-99' is not an open_clip model" in " ".join(result.output.split())
@@ -236,11 +244,12 @@ def test_load_failure_with_overwrite_keeps_old_results(sweep):
 
 def test_overwrite_starts_afresh(tiny_sdxl, clip_files, tmp_path):
     out = tmp_path / "run"
-    first = sweep_args(tiny_sdxl, clip_files, out, "--seeds", "0")
-    first = [*first[:4], *first[6:]]  # drop --seeds 0-1 so only seed 0 runs
-    first = [a if a != "0,0.7" else "0" for a in first]
+    first = sweep_args(tiny_sdxl, clip_files, out, seeds="0", guidance_rescale="0")
     assert CliRunner().invoke(app, first).exit_code == 0
-    second = [a if a != "9" else "5" for a in first]
+    assert (out / "images" / "p00__gs9__gr0__thoff__seed0.png").exists()
+    second = sweep_args(
+        tiny_sdxl, clip_files, out, seeds="0", guidance_scale="5", guidance_rescale="0"
+    )
     result = CliRunner().invoke(app, [*second, "--overwrite"])
     assert result.exit_code == 0, result.output
     rows = read_csv(out / "results.csv")
