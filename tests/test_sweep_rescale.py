@@ -308,3 +308,30 @@ def test_unwritable_output_folder_is_rejected(tmp_path):
     assert result.exit_code == 2
     assert "cannot create the folder" in " ".join(result.output.split())
     assert blocker.read_text() == "not a folder"
+
+
+def test_option_replaces_sweep_file_value(tmp_path):
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(
+        '[model]\nid = "m/m"\n[axes]\nprompts = ["a mug"]\nguidance_rescale = [0, 0.7]\n'
+    )
+    args = ["sweep-rescale", "--sweep", str(sweep_file), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--guidance-rescale", "0,1.5"])
+    assert result.exit_code == 2
+    assert "1.5 is outside [0, 1]" in " ".join(result.output.split())
+
+
+def test_sweep_file_reads_prompts_beside_it(tmp_path):
+    (tmp_path / "prompts.csv").write_text("id,prompt\nmug,a mug\n")
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(
+        '[model]\nid = "m/m"\n[axes]\nprompts_file = "prompts.csv"\n'
+        '[clip]\nmodel = "ViT-B-99"\n'
+    )
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        app, ["sweep-rescale", "--sweep", str(sweep_file), "--out", str(out)]
+    )
+    # The prompts were read (no "no prompts given"), so the run got as far as CLIP.
+    assert result.exit_code == 2
+    assert "'ViT-B-99' is not an open_clip model" in " ".join(result.output.split())
