@@ -6,7 +6,6 @@ import csv
 import glob
 import io
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +32,6 @@ from renderqa.core.seams_io import (
     write_seam_overlay,
 )
 from renderqa.core.tiling import check_tile_plan
-
-logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 CSV_COLUMNS = [

@@ -1,7 +1,7 @@
 """Tile-seam detection from the image alone, with or without a known tile plan.
 
 Entry point: `find_seams(pixels, plan=None, settings=None)` takes (H, W, C) float
-pixels in [0, 1] and returns a `SeamReport`; its `seams` list the lines found, each
+pixels in [0, 1] and returns a `SeamReport`. Its `seams` list the lines found, each
 with position, orientation, strength ratio and grey-level difference.
 
     report = find_seams(rgb)                               # estimate the grid
@@ -9,29 +9,30 @@ with position, orientation, strength ratio and grey-level difference.
     if not report.clean: ...
 
 How a line is scored, per axis (column boundaries for vertical seams, row
-boundaries for horizontal ones), all in 8-bit grey levels of Rec. 601 luma:
+boundaries for horizontal ones), in 8-bit grey levels of Rec. 601 luma:
 
-1. Gradient term. Per row, the horizontal gradient d[p] = I[p] - I[p - 1] counts
-   only by how far it rises above (or falls below) both neighbouring gradients
-   d[p - 1] and d[p + 1]. A one-pixel step of h levels counts h; smooth upscaled
-   content and the slope changes of bilinear or bicubic upscales count 0. The mean
-   over each segment (about 128 pixels of the line) is taken, then the median over
-   segments, so the line must stand out along its length and not only where one
-   object edge crosses it. The strength ratio divides that by the median of the
-   lines 2 to `window` pixels away (and of the lines 4, 8 and 16 pixels away in
-   phase, so JPEG blocks are compared with JPEG blocks).
-2. Tone term. The same test on the band means: the mean of each one-pixel column
-   within a segment, so a step of one grey level between separately decoded tiles
-   stands out once the gradient noise of ~128 rows is averaged away.
+1. Gradient term. Per row, the gradient d[p] = I[p] - I[p - 1] counts only by how
+   far it rises above (or falls below) both neighbouring gradients. A one-pixel
+   step of h levels counts h, while smooth content and the slope changes of
+   bilinear or bicubic upscales count 0. Each line is cut into segments of about
+   128 pixels, and the value that three quarters of the segments reach is kept, so
+   one object edge crossing part of the line does not lift it. The strength ratio
+   divides that by the median of the lines 2 to `window` pixels away, or by the
+   median of the lines 1 to 4 periods away for small periods (2 to 8 and 16), if
+   larger. Integer upscales and JPEG blocks are thereby compared with themselves.
+2. Tone term. The same step test on the mean of each one-pixel column within a
+   segment (the median over segments), so that a step of one grey level between
+   separately decoded tiles stands out once ~128 rows of texture are averaged.
 3. A line is a seam when either ratio reaches `factor` (default 3). With a tile
    plan, its boundaries are scored one by one (the best line within `tolerance`
-   pixels). Without one, every line is scored, and the tile period and offset are
-   estimated from the ratio profile. On a grid that most of its lines confirm
-   (median ratio at least `factor`), the other grid lines need `grid_factor`.
+   pixels). Without one, every line is scored and the tile period and offset are
+   estimated from the ratio profile. On a grid whose median line reaches `factor`,
+   the other grid lines need only `grid_factor`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ from renderqa.core.seams_grid import TileGrid, estimate_grid
 from renderqa.core.seams_profiles import column_profile, luma_levels, row_profile
 from renderqa.core.seams_scores import AxisScores, score_axis
 from renderqa.core.tiling import check_tile_plan, seam_positions
+
+logger = logging.getLogger(__name__)
 
 VERTICAL = "vertical"  # a column boundary: the line runs top to bottom
 HORIZONTAL = "horizontal"  # a row boundary: the line runs left to right
@@ -180,6 +183,9 @@ def find_seams_in_luma(
         report.grids[orientation] = grid
         report.scores[orientation] = scores
         report.seams.extend(seams)
+        logger.debug(
+            "%s lines: %d seams, grid %s", orientation, len(seams), grid and grid.period
+        )
     return report
 
 
@@ -251,11 +257,9 @@ def _select_anywhere(
     candidates = {
         int(p): settings.factor for p in np.flatnonzero(line_score >= settings.factor)
     }
-    grid_lines = set()
     if grid is not None and grid.confirmed:
         for position in grid.positions:
             best = _best_near(line_score, position, settings.tolerance)
-            grid_lines.add(best)
             if line_score[best] >= settings.grid_factor:
                 candidates.setdefault(best, settings.grid_factor)
 

@@ -88,6 +88,7 @@ def read_luma(
 
 
 def _read_high_depth(path: Path, max_pixels: int) -> LumaImage:
+    logger.debug("%s: reading as float to keep its precision", path)
     loaded = load_image(path, max_pixels=max_pixels)
     return LumaImage(
         path=path,

@@ -1,4 +1,4 @@
-"""Line profiles of an image for seam detection: gradient, excess gradient and tone.
+"""Line profiles of an image for seam detection: gradients, gradient spikes, tone.
 
 Everything here works on a luma plane `luma` of shape (H, W), float32, in 8-bit grey
 levels (0 to 255). A line position `p` on an axis of length L names the boundary
@@ -6,8 +6,8 @@ between pixels p - 1 and p, the convention of `renderqa.core.tiling.seam_positio
 Column positions (vertical lines) come from horizontal differences, row positions
 (horizontal lines) from vertical differences.
 
-Each line is split into segments along its length, so later steps can ask whether a
-line stands out along its whole length or only where one object edge crosses it.
+Each line is split into segments along its length, so later steps can test whether
+a line is raised along its whole length or only where one object edge crosses it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ BLOCK_ROWS = 128
 class AxisProfile:
     """Per-segment statistics of every line position along one axis of length L.
 
-    Arrays are float64 with one row per segment; column p holds line position p
-    (positions 0 and L are never lines, so those columns stay zero).
+    Arrays are float64 with one row per segment, and column p is line position p.
+    Positions 0 and L are the image borders, never lines, so their columns stay zero.
     """
 
     length: int  # L: the number of pixels along the axis
