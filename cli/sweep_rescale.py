@@ -196,7 +196,7 @@ def command(
         None,
         "--clip-pretrained",
         help="Pretrained tag (from the HF cache) or local checkpoint file "
-        "(default laion2b_s34b_b79k).",
+        "(default laion2b_s34b_b79k with the default model).",
     ),
     clip_resize: str | None = typer.Option(
         None,

@@ -366,7 +366,13 @@ def build_definition(settings: dict[str, Any]) -> SweepDefinition:
         raise InvalidInputError(
             "--saturation-threshold must be one value in [0, 1), e.g. 0.97"
         )
-    pretrained = settings.get("clip_pretrained", DEFAULT_CLIP_PRETRAINED)
+    clip_model = str(settings.get("clip_model") or DEFAULT_CLIP_MODEL)
+    # The default tag belongs to the default model; another model names its own
+    # weights (or, as a local-dir folder, contains them).
+    default_pretrained = (
+        DEFAULT_CLIP_PRETRAINED if clip_model == DEFAULT_CLIP_MODEL else None
+    )
+    pretrained = settings.get("clip_pretrained") or default_pretrained
     return SweepDefinition(
         model=str(settings["model"]),
         prompts=prompts,
@@ -382,7 +388,7 @@ def build_definition(settings: dict[str, Any]) -> SweepDefinition:
         vae=str(settings["vae"]) if settings.get("vae") else None,
         device=str(settings.get("device") or "auto"),
         dtype=str(settings.get("dtype") or "auto"),
-        clip_model=str(settings.get("clip_model") or DEFAULT_CLIP_MODEL),
+        clip_model=clip_model,
         clip_pretrained=str(pretrained) if pretrained else None,
         clip_resize=resize,
         saturation_threshold=saturation[0],

@@ -97,6 +97,7 @@ def summarise(
     summaries.sort(
         key=lambda s: (
             Decimal(s.guidance_scale),
+            s.threshold != "off",  # thresholding off first, as the baseline
             s.threshold,
             Decimal(s.guidance_rescale),
         )

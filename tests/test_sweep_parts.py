@@ -405,3 +405,13 @@ def test_results_csv_rows_parse_with_csv_module(tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(definition.points())
     assert Decimal(rows[0]["saturated_fraction"]) == Decimal("0.1")
+
+
+def test_default_clip_tag_only_with_default_model():
+    assert build_definition(minimal_settings()).clip_pretrained == "laion2b_s34b_b79k"
+    local = build_definition(minimal_settings(clip_model="local-dir:/models/clip"))
+    assert local.clip_pretrained is None
+    given = build_definition(
+        minimal_settings(clip_model="ViT-L-14", clip_pretrained="openai")
+    )
+    assert given.clip_pretrained == "openai"
