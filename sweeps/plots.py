@@ -28,56 +28,84 @@ MAX_CELL = 256
 FONT_SIZE = 14
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
 def plot_saturation_vs_clip(
     summaries: list[SettingSummary], path: Path, title: str = ""
 ) -> None:
     """Plot one labelled point per setting: mean saturated % against mean CLIP cosine.
 
-    Error bars are the 95% intervals where a setting has two or more images.
+    Colour marks the guidance scale and the marker shape the thresholding choice.
+    Each point is labelled with its rescale factor. Error bars are the 95%
+    intervals where a setting has two or more images, cut off at the plot frame.
     """
     figure, axes = plt.subplots(figsize=(8, 6), dpi=100)
     scales = sorted({s.guidance_scale for s in summaries}, key=Decimal)
-    colours = plt.get_cmap("viridis")(
-        [index / max(1, len(scales) - 1) for index in range(len(scales))]
-    )
-    for scale, colour in zip(scales, colours, strict=True):
-        members = [s for s in summaries if s.guidance_scale == scale]
-        x = [100.0 * s.metrics["saturated_fraction"].mean for s in members]
-        y = [s.metrics["clip_cosine_raw"].mean for s in members]
-        x_err = [_half_width(s, "saturated_fraction", 100.0) for s in members]
-        y_err = [_half_width(s, "clip_cosine_raw", 1.0) for s in members]
-        axes.errorbar(
-            x,
-            y,
-            xerr=x_err,
-            yerr=y_err,
-            fmt="o",
-            color=colour,
-            ecolor=(*colour[:3], 0.35),
-            elinewidth=1,
-            capsize=2,
-            label=f"guidance_scale {scale}",
-        )
-        for summary, x_value, y_value in zip(members, x, y, strict=True):
-            marker = " *" if summary.recommended else ""
-            axes.annotate(
-                f"r {summary.guidance_rescale}"
-                + ("" if summary.threshold == "off" else f" {summary.threshold}")
-                + marker,
-                (x_value, y_value),
-                textcoords="offset points",
-                xytext=(5, 4),
-                fontsize=8,
-            )
+    thresholds = list(dict.fromkeys(s.threshold for s in summaries))
+    palette = plt.get_cmap("tab10")
+    for scale_index, scale in enumerate(scales):
+        colour = palette(scale_index % 10)
+        for threshold_index, threshold in enumerate(thresholds):
+            members = [
+                s
+                for s in summaries
+                if s.guidance_scale == scale and s.threshold == threshold
+            ]
+            if members:
+                label = f"guidance_scale {scale}"
+                if len(thresholds) > 1:
+                    label += f", threshold {threshold}"
+                marker = MARKERS[threshold_index % len(MARKERS)]
+                _plot_group(axes, members, colour, marker, label)
+    _frame_points(axes, summaries)
     axes.set_xlabel("saturated pixels, % (any channel above the threshold)")
     axes.set_ylabel("CLIP image-text cosine (raw)")
-    axes.set_title(title or "guidance rescale sweep (* = recommended)")
+    axes.set_title(title or "guidance rescale sweep (labels: rescale, * recommended)")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
     with atomic_path(path) as tmp_path:
         figure.savefig(tmp_path, format="png")
     plt.close(figure)
+
+
+def _plot_group(axes, members: list[SettingSummary], colour, marker: str, label: str):
+    x = [100.0 * s.metrics["saturated_fraction"].mean for s in members]
+    y = [s.metrics["clip_cosine_raw"].mean for s in members]
+    axes.errorbar(
+        x,
+        y,
+        xerr=[_half_width(s, "saturated_fraction", 100.0) for s in members],
+        yerr=[_half_width(s, "clip_cosine_raw", 1.0) for s in members],
+        fmt=marker,
+        color=colour,
+        ecolor=(*colour[:3], 0.35),
+        elinewidth=1,
+        capsize=2,
+        label=label,
+    )
+    for summary, x_value, y_value in zip(members, x, y, strict=True):
+        axes.annotate(
+            summary.guidance_rescale + (" *" if summary.recommended else ""),
+            (x_value, y_value),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+
+
+def _frame_points(axes, summaries: list[SettingSummary]) -> None:
+    """Zoom to the points: intervals pooled over prompts can dwarf the differences."""
+    x = [100.0 * s.metrics["saturated_fraction"].mean for s in summaries]
+    y = [s.metrics["clip_cosine_raw"].mean for s in summaries]
+    for values, set_limits in ((x, axes.set_xlim), (y, axes.set_ylim)):
+        finite = [value for value in values if math.isfinite(value)]
+        if not finite:
+            continue
+        low, high = min(finite), max(finite)
+        pad = max(0.15 * (high - low), 0.02 * max(abs(low), abs(high)), 1e-4)
+        set_limits(low - pad, high + pad)
 
 
 def _half_width(summary: SettingSummary, metric: str, scale: float) -> float:
