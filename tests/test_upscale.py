@@ -84,7 +84,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Upscaler:
+def trained() -> Upscaler:
     return load_upscaler(TRAINED_WEIGHTS, CPU)
 
 
