@@ -9,6 +9,7 @@ FIXTURES := fixtures/build/.built
 DEMO_OUT := demo-out
 
 .PHONY: all venv fixtures test lint demo bench clean
+.PHONY: demo-studio
 
 all: test
 
@@ -50,6 +51,20 @@ demo-sweep: $(FIXTURES)
 		--clip-model fixtures/build/tiny-clip/tiny-clip.json \
 		--clip-pretrained fixtures/build/tiny-clip/tiny-clip.safetensors \
 		--out $(DEMO_OUT)/sweep
+
+# The trade-off on the trained miniature studio pipeline (committed weights, no
+# download): guidance 3 and 9, rescale 0 to 1, with and without latent thresholding.
+demo-studio: $(INSTALLED)
+	HF_HUB_OFFLINE=1 $(RENDERQA) sweep-rescale \
+		--model fixtures/trained/studio-sdxl \
+		--prompt "a red mug on a white background" \
+		--prompt "a blue bottle on a white background" \
+		--prompt "a yellow box on a light grey background" \
+		--prompt "a green vase on a white background" \
+		--seeds 0-1 --guidance-scale 3,9 --guidance-rescale 0,0.25,0.5,0.7,1.0 \
+		--threshold off,latent:0.995:3 --steps 20 --width 64 --height 64 \
+		--batch-size 10 --clip-model local-dir:fixtures/trained/studio-clip \
+		--tolerance 2 --out $(DEMO_OUT)/studio
 
 bench: $(FIXTURES)
 	@for script in tests/benchmarks/bench_*.py; do \
