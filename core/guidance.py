@@ -80,17 +80,28 @@ def sample_quantile(
 ) -> torch.Tensor:
     """The q-quantile of each sample (or each sample's channel), linear interpolation.
 
-    Sorting per row avoids `torch.quantile`, which rejects inputs above 2**24
-    elements. Returns (B, 1, ..., 1), or (B, C, 1, ..., 1) with `per_channel`.
+    Only the two order statistics around q * (n - 1) are needed, so `topk` on the
+    nearer tail replaces a full sort (about 20 of 16,384 values at q = 0.995). This
+    also avoids `torch.quantile`, which rejects inputs above 2**24 elements.
+    Returns (B, 1, ..., 1), or (B, C, 1, ..., 1) with `per_channel`.
     """
     keep = 2 if per_channel else 1
     rows = x.reshape(*x.shape[:keep], -1).float()
-    ordered = rows.sort(dim=-1).values
-    position = q * (ordered.shape[-1] - 1)
+    count = rows.shape[-1]
+    position = q * (count - 1)
     lower = int(np.floor(position))
-    upper = min(lower + 1, ordered.shape[-1] - 1)
+    upper = min(lower + 1, count - 1)
     weight = position - lower
-    value = ordered[..., lower] + weight * (ordered[..., upper] - ordered[..., lower])
+    if q >= 0.5:
+        # Descending: the value at ascending index i is at index count - 1 - i.
+        tail = rows.topk(count - lower, dim=-1, largest=True, sorted=True).values
+        low_value = tail[..., count - 1 - lower]
+        high_value = tail[..., count - 1 - upper]
+    else:
+        tail = rows.topk(upper + 1, dim=-1, largest=False, sorted=True).values
+        low_value = tail[..., lower]
+        high_value = tail[..., upper]
+    value = low_value + weight * (high_value - low_value)
     shape = tuple(x.shape[:keep]) + (1,) * (x.ndim - keep)
     return value.reshape(shape).to(x.dtype)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
 
 from renderqa.core.pipeline import load_pipeline  # noqa: E402
 from renderqa.core.render import RenderRequest, ThresholdSettings, render_batch  # noqa: E402
@@ -29,12 +30,48 @@ FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "build" / "tiny-sdx
 PROMPT = "a red mug on a white background"
 
 
+def medium_unet(tiny_config) -> UNet2DConditionModel:
+    """An SDXL-layout UNet (three levels, 1/2/4 transformer layers) at 1/10 width.
+
+    It keeps the fixture's text-conditioning sizes so the fixture's encoders feed it.
+    """
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=tiny_config.sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+        ),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 128),
+        layers_per_block=2,
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 2, 4),
+        norm_num_groups=16,
+        cross_attention_dim=tiny_config.cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=tiny_config.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=tiny_config.projection_class_embeddings_input_dim,
+        use_linear_projection=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--unet",
+        choices=("medium", "tiny"),
+        default="medium",
+        help="medium: an SDXL-layout UNet about 1/10 of SDXL's width, swapped into the "
+        "fixture, so the UNet dominates as on a real model; tiny: the fixture's own",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -46,6 +83,8 @@ def main() -> None:
 
     loaded = load_pipeline(str(FIXTURE), scheduler="euler", device=args.device)
     pipe = loaded.pipe
+    if args.unet == "medium":
+        pipe.unet = medium_unet(pipe.unet.config).to(loaded.device)
     request = RenderRequest(
         prompt=PROMPT,
         seed=0,
@@ -89,7 +128,7 @@ def main() -> None:
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, device {loaded.device}, "
-        f"{args.threads} torch thread(s)"
+        f"{args.threads} torch thread(s), {args.unet} UNet"
     )
     print(
         f"{args.size}x{args.size}, {args.steps} steps, {args.repeats} interleaved repeats"
