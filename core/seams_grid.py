@@ -38,6 +38,8 @@ def estimate_grid(
     boundary is off the period; it is found by its own ratio, not by the grid.
     """
     length = len(line_score) - 1
+    if np.count_nonzero(line_score >= factor) < 2:
+        return None  # no grid can have two lines at the factor; skip the search
     log_score = np.log(np.clip(line_score, 1.0, MAX_RATIO))
     jittered = ndimage.maximum_filter1d(log_score, size=3)
     candidates = []
