@@ -15,23 +15,27 @@ from renderqa.cli.common import report_errors, stderr_console, stdout_console
 from renderqa.core.devices import DTYPES, resolve_device
 from renderqa.core.errors import ImageReadError, InvalidInputError
 from renderqa.core.vae_probe import (
+    DEFAULT_WARNING_LEVEL,
+    check_dtypes_run,
+    dtype_support_error,
+    parse_dtypes,
+    probe_vae,
+)
+from renderqa.core.vae_probe_hooks import ModuleStats
+from renderqa.core.vae_probe_inputs import (
+    load_probe_vae,
+    read_latents_file,
+    replay_render,
+)
+from renderqa.core.vae_probe_output import write_probe_outputs
+from renderqa.core.vae_probe_verdict import (
     ALTERNATE_VAE,
     DEFAULT_MIN_PSNR,
-    DEFAULT_WARNING_LEVEL,
     FIXABLE_VERDICTS,
     FP16_MAX,
     MAIN_VAE,
     DecodeRun,
-    ModuleStats,
     ProbeReport,
-    check_dtypes_run,
-    dtype_support_error,
-    load_probe_vae,
-    parse_dtypes,
-    probe_vae,
-    read_latents_file,
-    replay_render,
-    write_probe_outputs,
 )
 
 logger = logging.getLogger("renderqa.cli.vae_probe")

@@ -15,6 +15,10 @@ from typer.testing import CliRunner
 from fixtures import make_vae_fixtures as vf
 from renderqa.cli.app import app
 from renderqa.core import vae_probe as vp
+from renderqa.core import vae_probe_hooks as vp_hooks
+from renderqa.core import vae_probe_inputs as vp_inputs
+from renderqa.core import vae_probe_output as vp_output
+from renderqa.core import vae_probe_verdict as vp_verdict
 from renderqa.core.errors import DeviceError, InvalidInputError
 
 CPU = torch.device("cpu")
@@ -42,15 +46,15 @@ def built(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def known_latents(built) -> torch.Tensor:
-    latents, _ = vp.read_latents_file(built / vf.LATENTS_DIR / vf.KNOWN_LATENTS)
+    latents, _ = vp_inputs.read_latents_file(built / vf.LATENTS_DIR / vf.KNOWN_LATENTS)
     return latents
 
 
 def load(built: Path, name: str):
-    return vp.load_probe_vae(str(built / name), "--model"), name
+    return vp_inputs.load_probe_vae(str(built / name), "--model"), name
 
 
-def probe(vaes, latents, dtypes, **kwargs) -> vp.ProbeReport:
+def probe(vaes, latents, dtypes, **kwargs) -> vp_verdict.ProbeReport:
     return vp.probe_vae(
         vaes,
         latents,
@@ -63,19 +67,19 @@ def probe(vaes, latents, dtypes, **kwargs) -> vp.ProbeReport:
 
 
 @pytest.fixture(scope="module")
-def overflow_report(built, known_latents) -> vp.ProbeReport:
+def overflow_report(built, known_latents) -> vp_verdict.ProbeReport:
     vaes = {
-        vp.MAIN_VAE: load(built, vf.OVERFLOW_DIR),
-        vp.ALTERNATE_VAE: load(built, vf.FIXED_DIR),
+        vp_verdict.MAIN_VAE: load(built, vf.OVERFLOW_DIR),
+        vp_verdict.ALTERNATE_VAE: load(built, vf.FIXED_DIR),
     }
     return probe(vaes, known_latents, ["fp16", "bf16", "fp32"])
 
 
-def run_named(report: vp.ProbeReport, label: str) -> vp.DecodeRun:
+def run_named(report: vp_verdict.ProbeReport, label: str) -> vp_verdict.DecodeRun:
     return next(run for run in report.runs if run.label == label)
 
 
-def stats_named(run: vp.DecodeRun, name: str) -> vp.ModuleStats:
+def stats_named(run: vp_verdict.DecodeRun, name: str) -> vp_hooks.ModuleStats:
     return next(stats for stats in run.modules if stats.name == name)
 
 
@@ -151,7 +155,9 @@ def test_fixed_vae_decodes_same_image_in_fp16(overflow_report):
 
 
 def test_overflow_predicted_without_fp16_run(built, known_latents):
-    report = probe({vp.MAIN_VAE: load(built, vf.OVERFLOW_DIR)}, known_latents, ["fp32"])
+    report = probe(
+        {vp_verdict.MAIN_VAE: load(built, vf.OVERFLOW_DIR)}, known_latents, ["fp32"]
+    )
     verdict = report.verdict
     assert verdict.kind == "vae-overflow"
     assert verdict.module == vf.OVERFLOW_MODULE
@@ -161,7 +167,9 @@ def test_overflow_predicted_without_fp16_run(built, known_latents):
 
 
 def test_healthy_vae_gets_clean_verdict(built, known_latents):
-    report = probe({vp.MAIN_VAE: load(built, vf.HEALTHY_DIR)}, known_latents, ["fp16"])
+    report = probe(
+        {vp_verdict.MAIN_VAE: load(built, vf.HEALTHY_DIR)}, known_latents, ["fp16"]
+    )
     assert report.verdict.kind == "clean"
     assert report.verdict.recommendation is None
     assert [run.label for run in report.runs] == ["fp32", "fp16"]
@@ -172,8 +180,12 @@ def test_healthy_vae_gets_clean_verdict(built, known_latents):
 
 
 def test_extreme_latents_diagnosed_as_latents(built):
-    latents, _ = vp.read_latents_file(built / vf.LATENTS_DIR / vf.EXTREME_LATENTS)
-    report = probe({vp.MAIN_VAE: load(built, vf.HEALTHY_DIR)}, latents, ["fp16"])
+    latents, _ = vp_inputs.read_latents_file(
+        built / vf.LATENTS_DIR / vf.EXTREME_LATENTS
+    )
+    report = probe(
+        {vp_verdict.MAIN_VAE: load(built, vf.HEALTHY_DIR)}, latents, ["fp16"]
+    )
     assert report.verdict.kind == "latents"
     assert report.latents.extreme
     assert report.latents.std == pytest.approx(vf.EXTREME_LATENT_GAIN * 0.994, rel=0.01)
@@ -182,7 +194,7 @@ def test_extreme_latents_diagnosed_as_latents(built):
 
 def test_imprecise_bf16_gives_precision_loss(built, known_latents):
     report = probe(
-        {vp.MAIN_VAE: load(built, vf.HEALTHY_DIR)},
+        {vp_verdict.MAIN_VAE: load(built, vf.HEALTHY_DIR)},
         known_latents,
         ["bf16"],
         min_psnr=70.0,  # bf16 reaches about 55 dB on this fixture
@@ -197,7 +209,7 @@ def test_imprecise_bf16_gives_precision_loss(built, known_latents):
 def test_nan_weights_give_vae_nonfinite(built, known_latents):
     vae, name = load(built, vf.HEALTHY_DIR)
     vae.decoder.conv_norm_out.weight[0] = math.nan
-    report = probe({vp.MAIN_VAE: (vae, name)}, known_latents, ["fp16"])
+    report = probe({vp_verdict.MAIN_VAE: (vae, name)}, known_latents, ["fp16"])
     verdict = report.verdict
     assert verdict.kind == "vae-nonfinite"
     assert verdict.module == "decoder.conv_norm_out"
@@ -207,7 +219,7 @@ def test_nan_weights_give_vae_nonfinite(built, known_latents):
 
 def test_lower_warning_level_gives_near_overflow(built, known_latents):
     report = probe(
-        {vp.MAIN_VAE: load(built, vf.FIXED_DIR)},
+        {vp_verdict.MAIN_VAE: load(built, vf.FIXED_DIR)},
         known_latents,
         ["fp16"],
         warning_level=5000.0,
@@ -218,7 +230,7 @@ def test_lower_warning_level_gives_near_overflow(built, known_latents):
 
 def test_tiling_hooks_see_every_tile(built, known_latents):
     report = probe(
-        {vp.MAIN_VAE: load(built, vf.OVERFLOW_DIR)},
+        {vp_verdict.MAIN_VAE: load(built, vf.OVERFLOW_DIR)},
         known_latents,
         ["fp16"],
         tile_size=16,
@@ -244,7 +256,7 @@ def test_hooks_removed_after_decode(built, known_latents):
     run = vp.probe_decode(
         vae,
         known_latents / vf.SCALING_FACTOR,
-        vae_label=vp.MAIN_VAE,
+        vae_label=vp_verdict.MAIN_VAE,
         vae_source=name,
         dtype_label="fp32",
         timing=False,
@@ -252,7 +264,7 @@ def test_hooks_removed_after_decode(built, known_latents):
     assert hook_count(vae) == 0
     called = [
         name
-        for name, module in vp.probed_modules(vae)
+        for name, module in vp_hooks.probed_modules(vae)
         if not isinstance(module, torch.nn.ModuleList)  # containers are never called
     ]
     assert [stats.name for stats in run.modules] == sorted(
@@ -274,7 +286,7 @@ def test_hooks_removed_when_decode_fails(built, known_latents):
         vp.probe_decode(
             vae,
             known_latents / vf.SCALING_FACTOR,
-            vae_label=vp.MAIN_VAE,
+            vae_label=vp_verdict.MAIN_VAE,
             vae_source=name,
             dtype_label="fp32",
             timing=False,
@@ -284,7 +296,7 @@ def test_hooks_removed_when_decode_fails(built, known_latents):
 
 def test_recorder_reduces_over_calls():
     layer = torch.nn.Identity()
-    with vp.recording_activations(torch.nn.Sequential(layer)) as recorder:
+    with vp_hooks.recording_activations(torch.nn.Sequential(layer)) as recorder:
         layer(torch.tensor([1.0, -3.0]))
         layer(torch.tensor([2.0, 0.5]))
     (stats,) = recorder.stats()
@@ -296,12 +308,12 @@ def test_recorder_reduces_over_calls():
 
 
 def test_module_stats_nonfinite_kinds():
-    inf_stats = vp.ModuleStats("m", "Conv2d", 0, 1, -1.0, math.inf)
-    nan_stats = vp.ModuleStats("m", "Conv2d", 0, 1, math.nan, math.nan)
+    inf_stats = vp_hooks.ModuleStats("m", "Conv2d", 0, 1, -1.0, math.inf)
+    nan_stats = vp_hooks.ModuleStats("m", "Conv2d", 0, 1, math.nan, math.nan)
     assert inf_stats.nonfinite == "inf"
-    assert inf_stats.above(vp.FP16_MAX)
+    assert inf_stats.above(vp_verdict.FP16_MAX)
     assert nan_stats.nonfinite == "nan"
-    assert nan_stats.above(vp.FP16_MAX)
+    assert nan_stats.above(vp_verdict.FP16_MAX)
 
 
 # Latents, pixels and metrics ---------------------------------------------------
@@ -309,7 +321,7 @@ def test_module_stats_nonfinite_kinds():
 
 def test_latent_statistics_hand_computed():
     latents = torch.tensor([1.0, -1.0, 3.0, -3.0, math.nan]).reshape(1, 1, 1, 5)
-    stats = vp.latent_statistics(latents, scaling_factor=0.5)
+    stats = vp_verdict.latent_statistics(latents, scaling_factor=0.5)
     assert stats.mean == 0.0
     assert stats.std == pytest.approx(math.sqrt(5.0))  # population std of ±1, ±3
     assert stats.max_abs == 3.0
@@ -319,7 +331,9 @@ def test_latent_statistics_hand_computed():
 
 
 def test_latent_statistics_flags_collapsed_latents():
-    stats = vp.latent_statistics(torch.full((1, 4, 2, 2), 0.01), scaling_factor=0.18)
+    stats = vp_verdict.latent_statistics(
+        torch.full((1, 4, 2, 2), 0.01), scaling_factor=0.18
+    )
     assert stats.std == pytest.approx(0.0, abs=1e-9)
     assert any("collapsed" in problem for problem in stats.problems)
 
@@ -343,16 +357,16 @@ def test_unscale_latents_three_conventions():
 
 
 def test_black_counts_nan_as_black():
-    assert vp.is_black(np.full((4, 4, 3), np.nan, dtype=np.float32))
-    assert vp.is_black(np.zeros((4, 4, 3), dtype=np.float32))
+    assert vp_verdict.is_black(np.full((4, 4, 3), np.nan, dtype=np.float32))
+    assert vp_verdict.is_black(np.zeros((4, 4, 3), dtype=np.float32))
     grey = np.zeros((4, 4, 3), dtype=np.float32)
     grey[0, 0, 0] = 0.05
-    assert not vp.is_black(grey)
+    assert not vp_verdict.is_black(grey)
 
 
-def fake_run(pixels: np.ndarray, dtype: str = "fp16") -> vp.DecodeRun:
-    return vp.DecodeRun(
-        vae_label=vp.MAIN_VAE,
+def fake_run(pixels: np.ndarray, dtype: str = "fp16") -> vp_verdict.DecodeRun:
+    return vp_verdict.DecodeRun(
+        vae_label=vp_verdict.MAIN_VAE,
         vae_source="fake",
         dtype=dtype,
         modules=[],
@@ -368,11 +382,11 @@ def fake_run(pixels: np.ndarray, dtype: str = "fp16") -> vp.DecodeRun:
 def test_compare_to_reference_psnr_of_offset():
     reference = fake_run(np.full((16, 16, 3), 0.5, dtype=np.float32), "fp32")
     shifted = fake_run(np.full((16, 16, 3), 0.6, dtype=np.float32))
-    vp.compare_to_reference(shifted, reference)
+    vp_verdict.compare_to_reference(shifted, reference)
     # MSE 0.01 with data range 1 is 10 * log10(1 / 0.01) = 20 dB.
     assert shifted.max_diff == pytest.approx(0.1, abs=1e-6)
     assert shifted.psnr == pytest.approx(20.0, abs=1e-3)
-    vp.compare_to_reference(reference, reference)
+    vp_verdict.compare_to_reference(reference, reference)
     assert reference.psnr == math.inf
     assert reference.ssim == pytest.approx(1.0)
 
@@ -415,7 +429,7 @@ def test_latents_of_wrong_shape_rejected(built):
 
 
 def test_outputs_cover_every_module_and_run(overflow_report, tmp_path):
-    paths = vp.write_probe_outputs(overflow_report, tmp_path)
+    paths = vp_output.write_probe_outputs(overflow_report, tmp_path)
     frame = pd.read_csv(paths["csv"], dtype={"nonfinite": str}, keep_default_na=False)
     modules = len(overflow_report.reference.modules)
     assert len(frame) == modules * len(overflow_report.runs)
@@ -601,7 +615,7 @@ def rendered(tiny_pipelines, tmp_path_factory):
 
 def test_replay_reproduces_render_latents(rendered):
     _, result = rendered
-    latents = vp.replay_render(result.parameters, device="cpu")
+    latents = vp_inputs.replay_render(result.parameters, device="cpu")
     assert torch.equal(latents, result.latents)
 
 

@@ -32,10 +32,8 @@ from fixtures.make_vae_fixtures import (  # noqa: E402
     make_healthy_vae,
     make_known_latents,
 )
-from renderqa.core.vae_probe import (  # noqa: E402
-    decode_to_pixels,
-    recording_activations,
-)
+from renderqa.core.vae_probe import decode_to_pixels  # noqa: E402
+from renderqa.core.vae_probe_hooks import recording_activations  # noqa: E402
 
 
 def make_sdxl_layout_vae() -> AutoencoderKL:
