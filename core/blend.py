@@ -100,11 +100,13 @@ def edge_profile(
     return profile
 
 
-# Window weights are rounded to multiples of 2**-20. A float32 sample has a 24-bit
-# significand, so each product sample * weight is exact in float64. Their sum over
-# at most 9 tiles stays below 2**53. Dividing by the summed weight therefore gives
-# back the sample exactly wherever every tile produced the same value.
-WEIGHT_STEP = 2.0**-20
+# 1-D profiles are rounded to multiples of 2**-12, so a 2-D weight (row times
+# column) is a multiple of 2**-24. A float32 sample has a 24-bit significand, so
+# sample * row * column is exact in float64 (at most 48 significant bits), and the
+# sum over tiles of such terms stays below 2**53 because the profiles of overlapping
+# tiles sum to at most 3. Dividing by the summed weight therefore gives back the
+# sample exactly wherever every tile produced the same value.
+WEIGHT_STEP = 2.0**-12
 
 
 def quantize_window(window: np.ndarray) -> np.ndarray:

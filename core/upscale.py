@@ -134,22 +134,21 @@ def upscale_array(
 
 def _axis_profiles(
     length: int, tile: int, overlap: int, scale: int, blend: str
-) -> tuple[list[int], list[tuple[int, int]], dict[tuple[int, int], np.ndarray]]:
-    """Return tile starts (input pixels), each tile's (rise, fall) overlaps in
-    output pixels, and the 1-D weight profile for each distinct (rise, fall)."""
+) -> tuple[list[int], list[np.ndarray], np.ndarray]:
+    """Return tile starts (input pixels), each tile's quantised 1-D weight profile,
+    and the sum of the profiles over the whole axis (output pixels)."""
     starts = tile_starts(length, tile, overlap)
     span = min(tile, length)
     ramp = get_ramp(blend)
-    edges = []
+    profiles = []
+    total = np.zeros(length * scale, dtype=np.float64)
     for index, begin in enumerate(starts):
         rise = starts[index - 1] + span - begin if index > 0 else 0
         fall = begin + span - starts[index + 1] if index + 1 < len(starts) else 0
-        edges.append((rise * scale, fall * scale))
-    profiles = {
-        edge: edge_profile(span * scale, edge[0], edge[1], ramp, scale)
-        for edge in set(edges)
-    }
-    return starts, edges, profiles
+        profile = edge_profile(span * scale, rise * scale, fall * scale, ramp, scale)
+        profiles.append(quantize_window(profile))
+        total[begin * scale : (begin + span) * scale] += profiles[-1]
+    return starts, profiles, total
 
 
 def _run_plan(
@@ -161,24 +160,24 @@ def _run_plan(
     progress: ProgressCallback | None,
 ) -> tuple[np.ndarray, int, int]:
     """Run every tile of one plan; return (canvas, tiles run, fp32 retries)."""
-    # 1. Plan: tile positions and the window of each row and column of tiles.
+    # 1. Plan: tile positions and the weight profile of each row and column of
+    # tiles. A tile's window is the outer product of its row and column profiles.
     height, width, _ = pixels.shape
     channels = upscaler.output_channels
     scale = upscaler.scale
-    rows, row_edges, row_profiles = _axis_profiles(
+    rows, row_profiles, row_total = _axis_profiles(
         height, tile, overlap, scale, settings.blend
     )
-    cols, col_edges, col_profiles = _axis_profiles(
+    cols, col_profiles, col_total = _axis_profiles(
         width, tile, overlap, scale, settings.blend
     )
-    # Interior tiles share one window, so a plan needs only a few distinct ones.
-    windows: dict[tuple, np.ndarray] = {}
+    assert row_total.min() > 0, "a blend window left an output row without weight"
+    assert col_total.min() > 0, "a blend window left an output column without weight"
     tile_h, tile_w = min(tile, height), min(tile, width)
     plan = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
 
     # 2. Accumulate in float64 so that equal tile outputs divide back exactly.
     canvas = np.zeros((height * scale, width * scale, channels), dtype=np.float64)
-    weights = np.zeros((height * scale, width * scale), dtype=np.float64)
     source = torch.from_numpy(pixels).permute(2, 0, 1)
     retries = 0
 
@@ -194,22 +193,22 @@ def _run_plan(
         upscaled, redone = run_tiles(tiles, upscaler)
         retries += redone
         for (r, c), output in zip(batch, upscaled.numpy(), strict=True):
-            key = (row_edges[r], col_edges[c])
-            if key not in windows:
-                outer = np.outer(row_profiles[key[0]], col_profiles[key[1]])
-                windows[key] = quantize_window(outer)
-            window = windows[key]
             top, left = rows[r] * scale, cols[c] * scale
             region = np.s_[top : top + tile_h * scale, left : left + tile_w * scale]
-            canvas[region] += output.transpose(1, 2, 0) * window[..., None]
-            weights[region] += window
+            weighted = output.transpose(1, 2, 0) * row_profiles[r][:, None, None]
+            weighted *= col_profiles[c][None, :, None]
+            canvas[region] += weighted
         if progress is not None:
             progress(first + len(batch), len(plan))
 
-    # 4. Normalise by the summed weights.
-    assert weights.min() > 0, "a blend window left an output pixel without weight"
-    canvas /= weights[..., None]
-    return canvas.astype(np.float32), len(plan), retries
+    # 4. Normalise. Every tile row meets every tile column, so the summed weight
+    # at (y, x) is row_total[y] * col_total[x]; bands keep the temporary small.
+    result = np.empty(canvas.shape, dtype=np.float32)
+    band = 256
+    for top in range(0, canvas.shape[0], band):
+        weights = np.outer(row_total[top : top + band], col_total)
+        result[top : top + band] = canvas[top : top + band] / weights[..., None]
+    return result, len(plan), retries
 
 
 @torch.inference_mode()
