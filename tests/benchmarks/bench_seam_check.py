@@ -179,6 +179,54 @@ def bench_detection(quick: bool) -> None:
     print(f"  found {found_total} of {expected_total} boundaries")
 
 
+def bench_fixture_upscaler() -> None:
+    """Count boundaries found in hard tiles from the trained Compact x2 fixture."""
+    import torch
+
+    from renderqa.core.tiling import seam_positions
+    from renderqa.core.upscale import TileSettings, upscale_array
+    from renderqa.core.upscale_model import load_upscaler
+
+    weights = (
+        Path(__file__).resolve().parents[2] / "fixtures/upscaler/compact-x2.safetensors"
+    )
+    if not weights.is_file():
+        print(f"\nfixture upscaler: {weights} not found, skipped")
+        return
+    upscaler = load_upscaler(weights, torch.device("cpu"))
+    cases = [
+        ("chelsea", 0),
+        ("brick", 7),
+        ("text", 3),
+        ("rocket", 11),
+        ("astronaut", 20),
+    ]
+    cases.append(("camera", 5))
+    settings = TileSettings(tile=64, overlap=0, blend="none")
+    expected = {
+        VERTICAL: seam_positions(256, 64, 0, 2),
+        HORIZONTAL: seam_positions(192, 64, 0, 2),
+    }
+    counts = {"expected": 0, "with plan": 0, "without plan": 0, "extra without plan": 0}
+    for name, crop in cases:
+        pixels = load_photo(name)[crop : crop + 192, crop : crop + 256]
+        output = quantise(upscale_array(pixels, upscaler, settings).pixels)
+        with_plan = find_seams(output, TilePlan(tile=64, overlap=0, scale=2))
+        without_plan = find_seams(output)
+        for orientation, cuts in expected.items():
+            counts["expected"] += len(cuts)
+            counts["with plan"] += len(cuts) - len(
+                missing(cuts, positions(with_plan, orientation))
+            )
+            found = positions(without_plan, orientation)
+            counts["without plan"] += len(cuts) - len(missing(cuts, found))
+            counts["extra without plan"] += len(missing(found, cuts))
+    print(
+        "\nfixture upscaler (Compact x2, native photo crops 256x192, tile 64, no blend)"
+    )
+    print("  " + ", ".join(f"{key}: {value}" for key, value in counts.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1024 and 4096 only")
@@ -186,6 +234,7 @@ def main() -> None:
     bench_sizes([1024, 4096] if args.quick else [1024, 4096, 8192])
     bench_jobs(8, 2048)
     bench_detection(args.quick)
+    bench_fixture_upscaler()
 
 
 if __name__ == "__main__":
