@@ -8,8 +8,8 @@
    target is a time ratio within 5% of that pixel ratio.
 2. Memory: peak process RSS for a 4096x4096 output against a 1024x1024 one (the
    exact nearest x4 checkpoint, tile 256), each in a fresh subprocess. The growth is
-   compared with that of the float64 canvas, the weight plane and the float32
-   result, and the target is growth no larger than theirs.
+   compared with that of the float64 canvas and the float32 result, and the target
+   is growth no larger than theirs.
 3. Seams: PSNR of the tiled output against the single pass, and the seams that
    `renderqa.core.seams` finds at the tile plan's boundaries, for each blend window
    (overlap 8) and for hard tiles (overlap 0) on the same photographs.
@@ -125,15 +125,15 @@ def bench_memory() -> None:
             )
             peaks[side] = json.loads(completed.stdout.strip().splitlines()[-1])
     growth = (peaks[1024]["after_kib"] - peaks[256]["after_kib"]) / 1024
-    # Canvas (H, W, 3) float64 plus weights (H, W) float64, then the float32 result.
-    canvas = lambda out: out * out * (3 * 8 + 8 + 3 * 4) / 2**20  # noqa: E731
+    # The (H, W, 3) float64 canvas plus the float32 result.
+    canvas = lambda out: out * out * (3 * 8 + 3 * 4) / 2**20  # noqa: E731
     print("\n2. peak RSS (nearest x4, tile 256, overlap 16), MiB")
     for side in (256, 1024):
         out = side * 4
         print(
             f"output {out}x{out}: peak {peaks[side]['after_kib'] / 1024:.0f}, "
             f"model loaded {peaks[side]['before_kib'] / 1024:.0f}, "
-            f"canvas+weights+result {canvas(out):.0f}"
+            f"canvas+result {canvas(out):.0f}"
         )
     extra = canvas(4096) - canvas(1024)
     print(
