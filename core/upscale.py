@@ -3,8 +3,9 @@
 The input and the output canvas stay on the CPU; only batches of tiles move to the
 model's device. Tiles follow the plan of `renderqa.core.tiling` (every tile full
 size, the last one moved back to end at the border). Each upscaled tile is
-multiplied by its blend window and added to the canvas, the window to a weight
-plane, and the canvas is divided by the weights at the end.
+multiplied by its blend window and added to the canvas. At the end the canvas is
+divided by the summed weights, which are the outer product of the per-row and
+per-column sums of the tiles' 1-D profiles.
 
 Arrays are (H, W, C) float32 in [0, 1], C equal to the model's input channels;
 the output is (H * scale, W * scale, C) float32 in [0, 1].
@@ -202,7 +203,7 @@ def _run_plan(
             progress(first + len(batch), len(plan))
 
     # 4. Normalise. Every tile row meets every tile column, so the summed weight
-    # at (y, x) is row_total[y] * col_total[x]; bands keep the temporary small.
+    # at (y, x) is row_total[y] * col_total[x]. Bands keep the temporary small.
     result = np.empty(canvas.shape, dtype=np.float32)
     band = 256
     for top in range(0, canvas.shape[0], band):
