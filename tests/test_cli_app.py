@@ -33,3 +33,19 @@ def test_console_script_runs_help():
     )
     assert completed.returncode == 0, completed.stderr
     assert "seam-check" in completed.stdout
+
+
+def test_atomic_write_uses_umask_permissions(tmp_path):
+    import os
+
+    from renderqa.core.atomic import write_text_atomic
+
+    target = tmp_path / "out.txt"
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(target, "ok")
+    finally:
+        os.umask(umask)
+    assert target.read_text() == "ok"
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
