@@ -37,7 +37,11 @@ SDXL_DIR = TRAINED / "studio-sdxl"
 CLIP_DIR = TRAINED / "studio-clip"
 needs_weights = pytest.mark.skipif(
     not (SDXL_DIR / "model_index.json").is_file(),
-    reason="fixtures/trained/ has no weights: run python -m fixtures.train_studio",
+    reason="fixtures/trained/studio-sdxl is absent: run python -m fixtures.train_studio",
+)
+needs_clip = pytest.mark.skipif(
+    not (CLIP_DIR / "open_clip_model.safetensors").is_file(),
+    reason="fixtures/trained/studio-clip is absent: run python -m fixtures.train_studio",
 )
 
 
@@ -88,7 +92,7 @@ def test_shots_have_shadow_and_highlight():
     assert object_pixels[:, 1].max() > 0.4
 
 
-@needs_weights
+@needs_clip
 def test_weights_fit_the_size_budget():
     total = sum(path.stat().st_size for path in TRAINED.rglob("*") if path.is_file())
     assert total <= 30 * 1024 * 1024, f"{total / 2**20:.1f} MiB"
@@ -125,7 +129,7 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     return (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
 
 
-@needs_weights
+@needs_clip
 def test_clip_zero_shot_on_held_out_shots():
     name = f"local-dir:{CLIP_DIR}"
     model, _, preprocess = open_clip.create_model_and_transforms(name)
