@@ -72,7 +72,7 @@ def load_image(
                     "pixels (a possible decompression bomb); raise the limit if the "
                     "file is trusted"
                 )
-            wide_colour = _is_16bit_colour_png(image)
+            wide_colour = is_16bit_colour_png(image)
             image.load()
             if wide_colour:
                 return _load_16bit_colour_png(path, image)
@@ -95,7 +95,7 @@ def load_image(
     return _to_loaded_image(path, image)
 
 
-def _is_16bit_colour_png(image: Image.Image) -> bool:
+def is_16bit_colour_png(image: Image.Image) -> bool:
     """Tell whether Pillow would truncate this PNG's 16-bit RGB(A) samples to 8 bits."""
     if image.format != "PNG" or image.mode not in {"RGB", "RGBA"} or not image.tile:
         return False

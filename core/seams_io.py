@@ -20,7 +20,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from renderqa.core.atomic import atomic_path
 from renderqa.core.errors import ImageReadError
-from renderqa.core.imageio import DEFAULT_MAX_PIXELS, load_image, save_png, to_uint8
+from renderqa.core.imageio import (
+    DEFAULT_MAX_PIXELS,
+    is_16bit_colour_png,
+    load_image,
+    save_png,
+    to_uint8,
+)
 from renderqa.core.seams_profiles import luma_levels
 
 logger = logging.getLogger(__name__)
@@ -62,7 +68,9 @@ def read_luma(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 mode = image.mode
-                if mode not in EIGHT_BIT_MODES:
+                # Pillow reports a 16-bit RGB(A) PNG as plain RGB(A) and keeps only
+                # the high byte, so such files take the full-precision path too.
+                if mode not in EIGHT_BIT_MODES or is_16bit_colour_png(image):
                     image.close()
                     return _read_high_depth(path, max_pixels)
                 width, height = image.size

@@ -495,3 +495,17 @@ def test_cli_overlay_writes_marked_copy_and_plot(image_folder, tmp_path):
     assert tuple(pixels[10, 128]) == (255, 0, 64)
     assert tuple(pixels[128, 10]) == (255, 0, 64)
     assert list(overlay.glob(".*.tmp")) == []
+
+
+def test_16bit_rgb_png_keeps_precision(tmp_path):
+    import imagecodecs
+
+    from renderqa.core.seams_io import read_luma
+
+    samples = np.full((16, 16, 3), 32768, dtype=np.uint16)
+    samples[:, 8:] += 64  # a quarter of one 8-bit grey level, lost at 8 bits
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(imagecodecs.png_encode(samples))
+    image = read_luma(path)
+    assert image.bit_depth == 16
+    assert image.luma[:, 8:].mean() > image.luma[:, :8].mean()
