@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from renderqa.cli.common import report_errors, stderr_console, stdout_console
+from renderqa.core.atomic import check_output_folder
 from renderqa.core.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from renderqa.core.errors import InvalidInputError, OutputError
 from renderqa.core.ranges import parse_seeds
@@ -61,6 +62,7 @@ def _threshold_settings(
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder path for the PNGs")
+    check_output_folder(out, "--out")
 
 
 def _create_out_dir(out: Path) -> None:
@@ -197,6 +199,10 @@ def command(
         raise InvalidInputError(
             f"--threshold-mode {threshold_mode!r} is unknown; use off, latent or pixel"
         )
+    if not 0.0 < threshold_percentile <= 1.0:
+        raise InvalidInputError(
+            f"--threshold-percentile {threshold_percentile} must be in (0, 1], e.g. 0.995"
+        )
     threshold = _threshold_settings(
         threshold_mode, threshold_percentile, mimic_scale, threshold_per_channel
     )
@@ -297,7 +303,12 @@ def _write_result(
         # A broken decode is never written under the name a good render would get.
         stem += f"-failed-{result.status}"
     path = out / f"{stem}.png"
-    save_render(result, path)
-    if with_latents:
-        save_latents(result, out / f"{stem}.latents.safetensors")
+    try:
+        save_render(result, path)
+        if with_latents:
+            save_latents(result, out / f"{stem}.latents.safetensors")
+    except OSError as error:
+        raise OutputError(
+            f"--out {out}: cannot write {path.name} ({error.strerror})"
+        ) from None
     return path

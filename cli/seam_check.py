@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from renderqa.cli.common import report_errors, stderr_console, stdout_console
-from renderqa.core.atomic import write_text_atomic
+from renderqa.core.atomic import check_output_file, write_text_atomic
 from renderqa.core.errors import InvalidInputError, OutputError, RenderQAError
 from renderqa.core.seams import (
     HORIZONTAL,
@@ -103,18 +103,25 @@ def command(
 ) -> None:
     """Find tile seams; exit 0 when clean, 1 when seams are found, 2 on bad input."""
     settings, plan = _check_options(tile, overlap, scale, factor, jobs)
+    for option, target in (("--json", json_path), ("--csv", csv_path)):
+        if target is not None:
+            check_output_file(target, option)
     files = expand_paths(paths)
     if overlay is not None:
         _make_folder(overlay)
 
     results = _check_files(files, plan, settings, overlay, jobs)
     _print_results(results)
-    if json_path is not None:
-        write_text_atomic(
-            json_path, json.dumps(results_to_json(results, plan, settings), indent=2)
-        )
-    if csv_path is not None:
-        write_text_atomic(csv_path, results_to_csv(results))
+    try:
+        if json_path is not None:
+            report = results_to_json(results, plan, settings)
+            write_text_atomic(json_path, json.dumps(report, indent=2))
+        if csv_path is not None:
+            write_text_atomic(csv_path, results_to_csv(results))
+    except OSError as error:
+        raise OutputError(
+            f"cannot write the report ({error}); check --json/--csv"
+        ) from None
 
     statuses = {result.status for result in results}
     if "error" in statuses:

@@ -12,8 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from renderqa.cli.common import report_errors, stderr_console, stdout_console
+from renderqa.core.atomic import check_output_folder
 from renderqa.core.devices import DTYPES, resolve_device
-from renderqa.core.errors import ImageReadError, InvalidInputError
+from renderqa.core.errors import ImageReadError, InvalidInputError, OutputError
 from renderqa.core.vae_probe import (
     DEFAULT_WARNING_LEVEL,
     check_dtypes_run,
@@ -431,6 +432,7 @@ def command(
         "device": device,
         "dtype": dtype,
     }
+    check_output_folder(out, "--out")
     latents, record = _load_latents(source, options)
 
     vae_source = model or record.get("vae") or record.get("model")
@@ -464,7 +466,10 @@ def command(
             latents_name=str(source) if source else "replayed latents",
             progress=report_step,
         )
-    paths = write_probe_outputs(report, out)
+    try:
+        paths = write_probe_outputs(report, out)
+    except OSError as error:
+        raise OutputError(f"--out {out}: cannot write the outputs ({error})") from None
 
     _print_latents(report)
     stdout_console.print(_runs_table(report))

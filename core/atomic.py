@@ -64,3 +64,44 @@ def append_line_durably(target: str | os.PathLike[str], line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_output_folder(folder: str | os.PathLike[str], option: str) -> None:
+    """Raise OutputError unless `folder` is, or can become, a writable folder.
+
+    Called before any model loads, so a bad output path fails fast. The check writes
+    and removes one probe file in the nearest existing folder, which also catches
+    read-only mounts and immutable folders that `os.access` misses for root.
+    """
+    from renderqa.core.errors import OutputError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option} {folder} is a file; pass a folder path")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{option} {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise OutputError(
+            f"{option} {folder}: folder is not writable ({error.strerror}); choose a "
+            "writable location or fix its permissions"
+        ) from None
+
+
+def check_output_file(path: str | os.PathLike[str], option: str) -> None:
+    """Raise OutputError unless `path` can be written as a file (folder must exist)."""
+    from renderqa.core.errors import OutputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; pass a file path")
+    if not path.parent.is_dir():
+        raise OutputError(
+            f"{option} {path}: folder {path.parent} does not exist; create it first"
+        )
+    check_output_folder(path.parent, option)

@@ -7,6 +7,8 @@ import re
 from renderqa.core.errors import InvalidInputError
 
 MAX_SEED = 2**64 - 1
+# More seeds than this in one command is almost certainly a typo (0-100000000).
+MAX_SEED_COUNT = 100_000
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 
@@ -30,6 +32,11 @@ def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
                 raise InvalidInputError(
                     f"{option} range {piece!r} runs backwards; write {stop}-{start}"
                 )
+            if stop - start + 1 > MAX_SEED_COUNT:
+                raise InvalidInputError(
+                    f"{option} range {piece!r} has {stop - start + 1} seeds, above the "
+                    f"limit of {MAX_SEED_COUNT}; split the run into smaller ranges"
+                )
             seeds.extend(range(start, stop + 1))
         elif piece.isdigit():
             seeds.append(int(piece))
@@ -37,6 +44,10 @@ def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
             raise InvalidInputError(
                 f"{option} item {piece!r} is not a seed or range; use e.g. 3, 0-3 or 1,5,9"
             )
+    if len(seeds) > MAX_SEED_COUNT:
+        raise InvalidInputError(
+            f"{option} lists {len(seeds)} seeds, above the limit of {MAX_SEED_COUNT}"
+        )
     too_large = [seed for seed in seeds if seed > MAX_SEED]
     if too_large:
         raise InvalidInputError(

@@ -466,3 +466,25 @@ def test_bf16_vae_decode_is_recorded(tiny_pipelines):
     result = render_batch(loaded, [request])[0]
     assert result.parameters["vae_dtype"] == "bf16"
     assert result.finite
+
+
+def test_cli_rejects_out_below_a_file_before_loading(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep")
+    out = blocker / "renders"
+    result = render_cli([PROMPT, "--model", "/nonexistent/model", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "is a file, not a folder" in result.output
+    assert blocker.read_text() == "keep"
+
+
+def test_cli_rejects_huge_seed_range(tmp_path):
+    result = render_cli([PROMPT, "--model", "x/y", "--seeds", "0-100000000"])
+    assert result.exit_code == 2
+    assert "above the limit of 100000" in result.output
+
+
+def test_cli_checks_percentile_with_thresholding_off(tmp_path):
+    result = render_cli([PROMPT, "--model", "x/y", "--threshold-percentile", "nan"])
+    assert result.exit_code == 2
+    assert "--threshold-percentile nan must be in (0, 1]" in result.output

@@ -509,3 +509,14 @@ def test_16bit_rgb_png_keeps_precision(tmp_path):
     image = read_luma(path)
     assert image.bit_depth == 16
     assert image.luma[:, 8:].mean() > image.luma[:, :8].mean()
+
+
+def test_cli_rejects_json_in_missing_folder(tmp_path):
+    image = tmp_path / "clean.png"
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(image)
+    target = tmp_path / "missing" / "report.json"
+    result = CliRunner().invoke(app, ["seam-check", str(image), "--json", str(target)])
+    assert result.exit_code == 2
+    assert "--json" in result.output
+    assert "does not exist" in result.output
+    assert not target.exists()
