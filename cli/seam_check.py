@@ -6,6 +6,7 @@ import csv
 import glob
 import io
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,6 +136,8 @@ def _check_options(
 ) -> tuple[SeamSettings, TilePlan | None]:
     if jobs < 1:
         raise InvalidInputError(f"--jobs {jobs} must be 1 or more")
+    if not math.isfinite(factor):
+        raise InvalidInputError(f"--factor {factor} must be a finite number, e.g. 3")
     settings = SeamSettings(factor=factor, grid_factor=min(2.0, factor))
     if tile is None:
         if overlap or scale != 1:

@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from renderqa.cli.common import report_errors, stderr_console, stdout_console
+from renderqa.core.atomic import check_output_folder
 from renderqa.core.blend import BLEND_WINDOWS, get_ramp
 from renderqa.core.devices import DTYPE_CHOICES, dtype_name, resolve_device
 from renderqa.core.errors import InvalidInputError, RenderQAError
@@ -133,6 +134,9 @@ def command(
 ) -> None:
     """Upscale images in feathered tiles so memory stays bounded at any size."""
     _check_options(tile, overlap, blend, tile_batch, dtype, fmt)
+    if max_pixels < 1:
+        raise InvalidInputError(f"--max-pixels {max_pixels} must be at least 1 pixel")
+    check_output_folder(out, "--out")
     settings = TileSettings(
         tile=tile, overlap=overlap, blend=blend, tile_batch=tile_batch
     )

@@ -690,3 +690,28 @@ def test_cli_tile_below_minimum_exits_2(tmp_path):
     )
     assert result.exit_code == 2
     assert "--tile 3 is below the minimum input size of 4" in result.stderr
+
+
+def test_cli_rejects_bad_out_and_max_pixels_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from renderqa.cli.app import app
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep")
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+    runner = CliRunner()
+    missing_model = str(tmp_path / "no-model.pth")
+    result = runner.invoke(
+        app, ["upscale", str(image), "--model", missing_model, "--out", str(blocker)]
+    )
+    assert result.exit_code == 2
+    assert "--out" in result.output
+    assert "is a file" in result.output
+    result = runner.invoke(
+        app, ["upscale", str(image), "--model", missing_model, "--max-pixels", "0"]
+    )
+    assert result.exit_code == 2
+    assert "--max-pixels 0 must be at least 1" in result.output
+    assert blocker.read_text() == "keep"
