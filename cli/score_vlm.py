@@ -13,7 +13,13 @@ from rich.table import Table
 
 from renderqa.cli.common import report_errors, stderr_console, stdout_console
 from renderqa.core.errors import ImageReadError, InvalidInputError, RemoteError
-from renderqa.core.vlm import MODES, ScoreReport, ScoreSettings, score_images
+from renderqa.core.vlm import (
+    MODES,
+    ScoreReport,
+    ScoreSettings,
+    check_settings,
+    score_images,
+)
 from renderqa.core.vlm_client import EndpointSettings, RetryPolicy
 from renderqa.core.vlm_redact import RedactingFilter, Redactor
 from renderqa.core.vlm_rubric import DEFAULT_RUBRIC, load_rubric
@@ -119,6 +125,9 @@ def command(
         else _non_negative_int("--max-tokens", max_tokens),
     )
     paths = _expand_images(images)
+    # Checked here as well as in core, so a bad option fails before the progress
+    # bar starts and the error stays on one line.
+    check_settings(settings, endpoint)
 
     # Every handler scrubs the key, including those of libraries' loggers.
     key_filter = RedactingFilter(Redactor([endpoint.api_key]))
