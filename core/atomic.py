@@ -52,9 +52,8 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
 def append_line_durably(target: str | os.PathLike[str], line: str) -> None:
     """Append one whole line to `target` with a single write, then fsync.
 
-    One `write` call of a line under the pipe buffer size lands whole or not at all
-    on local filesystems, so a crash leaves only whole lines; readers must still
-    ignore a final line without a newline in case the disk filled up.
+    A crash can at worst leave the last line torn (a full disk, or a crash inside
+    the write), so readers must drop a final line that lacks its newline.
     """
     if not line.endswith("\n"):
         line += "\n"

@@ -236,8 +236,11 @@ class GuidanceHook:
 
     @staticmethod
     def _mimic_reference(request, noise_pred_uncond, noise_pred_cond):
-        """The prediction at the mimic scale, with the same rescale as the guided one,
-        so a mimic scale equal to the guidance scale reproduces it exactly."""
+        """Compute the prediction at the mimic scale with the guided one's rescale.
+
+        Sharing the rescale makes a mimic scale equal to the guidance scale
+        reproduce the guided prediction exactly.
+        """
         reference = combine_cfg(
             noise_pred_uncond,
             noise_pred_cond,
