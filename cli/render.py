@@ -38,7 +38,8 @@ logger = logging.getLogger("renderqa.cli.render")
 
 
 def _slug(text: str, limit: int = 40) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    # \w keeps letters of every script, so non-Latin prompts still name their files.
+    slug = re.sub(r"[\W_]+", "-", text.lower()).strip("-")
     return slug[:limit].rstrip("-") or "render"
 
 

@@ -154,6 +154,9 @@ def command(
         "channels_last": channels_last,
     }
 
+    # The same file named twice (a glob and a path, say) is upscaled once.
+    unique = {path.resolve(): path for path in reversed(images)}
+    images = [path for path in images if unique.get(path.resolve()) is path]
     failed_codes = []
     written = 0
     with Progress(

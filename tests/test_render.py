@@ -488,3 +488,11 @@ def test_cli_checks_percentile_with_thresholding_off(tmp_path):
     result = render_cli([PROMPT, "--model", "x/y", "--threshold-percentile", "nan"])
     assert result.exit_code == 2
     assert "--threshold-percentile nan must be in (0, 1]" in result.output
+
+
+def test_file_names_keep_non_latin_prompt_words():
+    from renderqa.cli.render import _slug
+
+    assert _slug("日本語 マグ 🎨 /../etc") == "日本語-マグ-etc"
+    assert _slug(PROMPT) == "a-red-mug-on-a-white-background"
+    assert _slug("🎨 / ..") == "render"

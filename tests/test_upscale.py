@@ -715,3 +715,33 @@ def test_cli_rejects_bad_out_and_max_pixels_before_loading(tmp_path):
     assert result.exit_code == 2
     assert "--max-pixels 0 must be at least 1" in result.output
     assert blocker.read_text() == "keep"
+
+
+def test_cli_upscales_repeated_image_once(tmp_path):
+    from typer.testing import CliRunner
+
+    from renderqa.cli.app import app
+
+    model = (
+        Path(__file__).resolve().parents[1]
+        / "fixtures"
+        / "upscaler"
+        / "compact-x2.safetensors"
+    )
+    image = tmp_path / "in.png"
+    Image.new("RGB", (24, 16), (200, 40, 40)).save(image)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "upscale",
+            str(image),
+            str(tmp_path / "." / "in.png"),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == ["in_x2.png"]
