@@ -60,12 +60,6 @@ def _threshold_settings(
     )
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; pass a folder path for the PNGs")
-    check_output_folder(out, "--out")
-
-
 def _create_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +232,7 @@ def command(
             guidance_scale,
             f": {', '.join(ignored)} will have no effect" if ignored else "",
         )
-    _check_out_dir(out)
+    check_output_folder(out, "--out")
 
     # 2. Load the pipeline once.
     from renderqa.core.pipeline import load_pipeline

@@ -12,12 +12,15 @@ import csv
 import io
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from renderqa.core.atomic import append_line_durably, write_text_atomic
+from renderqa.core.atomic import (
+    append_line_durably,
+    check_output_folder,
+    write_text_atomic,
+)
 from renderqa.core.errors import InvalidInputError, OutputError
 from renderqa.sweeps.definition import SweepDefinition
 
@@ -163,11 +166,7 @@ class SweepStore:
                 f"--out {self.folder}: cannot create the folder ({error.strerror}); "
                 "choose a writable location"
             ) from None
-        if not self.folder.is_dir() or not os.access(self.folder, os.W_OK | os.X_OK):
-            raise OutputError(
-                f"--out {self.folder}: folder is not writable; choose a writable "
-                "location or fix its permissions"
-            )
+        check_output_folder(self.folder, "--out")
 
     def _check_same_sweep(self) -> None:
         if not self.manifest_path.exists():
