@@ -78,7 +78,7 @@ def std_ratio(
 def sample_quantile(
     x: torch.Tensor, q: float, per_channel: bool = False
 ) -> torch.Tensor:
-    """The q-quantile of each sample (or each sample's channel), linear interpolation.
+    """Compute the linearly interpolated q-quantile of each sample (or channel).
 
     Only the two order statistics around q * (n - 1) are needed, so `topk` on the
     nearer tail replaces a full sort (about 20 of 16,384 values at q = 0.995). This
@@ -143,7 +143,7 @@ def denoised_from_output(
     sigma: float,
     prediction_type: str,
 ) -> torch.Tensor:
-    """The x0 estimate from a model output at x_t = alpha * x0 + sigma * noise."""
+    """Convert a model output to the x0 estimate, for x_t = alpha * x0 + sigma * noise."""
     if prediction_type == "epsilon":
         return (sample - sigma * model_output) / alpha
     if prediction_type == "v_prediction":
@@ -160,7 +160,7 @@ def output_from_denoised(
     sigma: float,
     prediction_type: str,
 ) -> torch.Tensor:
-    """The model output that `denoised_from_output` maps to `denoised`."""
+    """Convert an x0 estimate back to the model output (inverse of denoised_from_output)."""
     if prediction_type == "epsilon":
         return (sample - alpha * denoised) / sigma
     if prediction_type == "v_prediction":

@@ -95,7 +95,9 @@ def _checkpoint_keys(path: Path) -> list[str]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ModelLoadError(f"--model {path}: the checkpoint holds no state dict")
+        raise ModelLoadError(
+            f"--model {path}: the checkpoint contains no state dict; pass a full SD or SDXL checkpoint"
+        )
     return list(state)
 
 

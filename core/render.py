@@ -483,7 +483,7 @@ def render_parameters(
 ) -> dict:
     """The JSON record stored in each PNG: settings, model, versions and diagnostics.
 
-    It holds no timings or paths of this run, so the same render gives the same bytes.
+    It contains no timings or paths of this run, so the same render gives the same bytes.
     """
     request = result.request
     return {
