@@ -87,9 +87,16 @@ def data_lines(path: Path) -> list[str]:
 
 
 def run_and_kill(
-    args: list[str], results: Path, rng: random.Random, signal_number: int
+    args: list[str],
+    results: Path,
+    rng: random.Random,
+    signal_number: int,
+    max_delay: float = 0.5,
 ) -> int:
-    """Start a run, signal it at a random moment after it adds a row; return its code."""
+    """Start a run, signal it at a random moment after it adds a row; return its code.
+
+    The delay after the row is drawn from [0, max_delay] seconds.
+    """
     rows_before = len(data_lines(results))
     process = subprocess.Popen(
         [sys.executable, "-m", "renderqa.cli", "--quiet", *args],
@@ -104,7 +111,7 @@ def run_and_kill(
                 break
             time.sleep(0.01)
         # A random extra delay spreads the kill over the image, CLIP and append work.
-        time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(rng.uniform(0.0, max_delay))
     finally:
         process.send_signal(signal_number)
         code = process.wait(timeout=120)
@@ -133,8 +140,15 @@ def test_killed_sweep_resumes_identically(tiny_sdxl, tmp_path):
 
     results = resumed / "results.csv"
     for number, signal_number in enumerate(SIGNALS):
+        # The first run is signalled as soon as its first row lands, so it is
+        # interrupted mid-sweep even on a machine fast enough to finish the other
+        # batches within the random delay.
         code = run_and_kill(
-            sweep_args(tiny_sdxl, clip, resumed), results, rng, signal_number
+            sweep_args(tiny_sdxl, clip, resumed),
+            results,
+            rng,
+            signal_number,
+            max_delay=0.0 if number == 0 else 0.5,
         )
         if number == 0:
             assert 0 < len(data_lines(results)) < 12
