@@ -98,19 +98,3 @@ def edge_profile(
     if fall > 0:
         profile[size - fall :] *= 1.0 - ramp(fall, scale)
     return profile
-
-
-# 1-D profiles are rounded to multiples of 2**-12, so a 2-D weight (row times
-# column) is a multiple of 2**-24. A float32 sample has a 24-bit significand, so
-# sample * row * column is exact in float64 (at most 48 significant bits), and the
-# sum over tiles of such terms stays below 2**53 because the profiles of overlapping
-# tiles sum to at most 3. Dividing by the summed weight therefore gives back the
-# sample exactly wherever every tile produced the same value.
-WEIGHT_STEP = 2.0**-12
-
-
-def quantize_window(window: np.ndarray) -> np.ndarray:
-    """Round weights to multiples of WEIGHT_STEP, keeping positive ones above zero."""
-    steps = np.round(window / WEIGHT_STEP)
-    steps = np.where(window > 0, np.maximum(steps, 1.0), 0.0)
-    return steps * WEIGHT_STEP

@@ -21,17 +21,15 @@ from fixtures.make_upscaler import (
 from renderqa.cli.app import app
 from renderqa.core.blend import (
     BLEND_WINDOWS,
-    WEIGHT_STEP,
     edge_profile,
     hann_ramp,
     hard_ramp,
     linear_ramp,
-    quantize_window,
 )
 from renderqa.core.errors import DeviceError, InvalidInputError, ModelLoadError
 from renderqa.core.imageio import load_image
 from renderqa.core.seams import TilePlan, find_seams
-from renderqa.core.tiling import seam_positions
+from renderqa.core.tiling import seam_positions, tile_starts
 from renderqa.core.upscale import TileSettings, upscale_array
 from renderqa.core.upscale_image import METADATA_KEY, upscale_image
 from renderqa.core.upscale_model import (
@@ -125,14 +123,6 @@ def test_profile_keeps_full_weight_at_image_border():
     assert profile[-1] > 0.0
 
 
-def test_quantized_window_keeps_small_weights_positive():
-    window = quantize_window(np.array([0.0, 1e-9, 0.3, 1.0]))
-    assert window[0] == 0.0
-    assert window[1] == WEIGHT_STEP
-    assert window[2] / WEIGHT_STEP == round(0.3 / WEIGHT_STEP)
-    assert window[3] == 1.0
-
-
 # --- exact geometry with a nearest-neighbour model -------------------------------
 
 SIZES = [
@@ -168,6 +158,57 @@ def test_every_blend_gives_every_pixel_weight():
         settings = TileSettings(tile=10, overlap=4, blend=blend, tile_batch=3)
         result = upscale_array(pixels, nearest_upscaler(2), settings)
         assert np.array_equal(result.pixels, direct_nearest(pixels, 2)), blend
+
+
+def reference_blend(tile_values, height, width, tile, overlap, scale, blend):
+    """Sum of window * value over the sum of windows, in float64, for tiles that
+    each output a constant, listed in row-major plan order."""
+    ramp = BLEND_WINDOWS[blend]
+
+    def profiles(length):
+        starts = tile_starts(length, tile, overlap)
+        span = min(tile, length)
+        for i, begin in enumerate(starts):
+            rise = starts[i - 1] + span - begin if i > 0 else 0
+            fall = begin + span - starts[i + 1] if i + 1 < len(starts) else 0
+            profile = edge_profile(
+                span * scale, rise * scale, fall * scale, ramp, scale
+            )
+            yield begin * scale, profile
+
+    weighted = np.zeros((height * scale, width * scale))
+    weight = np.zeros_like(weighted)
+    windows = [
+        (y, x, np.outer(py, px))
+        for y, py in profiles(height)
+        for x, px in profiles(width)
+    ]
+    for (y, x, window), value in zip(windows, tile_values, strict=True):
+        region = np.s_[y : y + window.shape[0], x : x + window.shape[1]]
+        weighted[region] += window * value
+        weight[region] += window
+    return weighted / weight
+
+
+@pytest.mark.parametrize("blend", sorted(BLEND_WINDOWS))
+def test_running_mean_matches_weighted_sum(blend):
+    # Neighbouring tiles output different constants, so overlapped pixels mix
+    # them. 17 px with tile 10 and overlap 4 puts some pixels under three tiles.
+    values = []
+
+    def constant_tiles(tiles: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(nearest(tiles, 2))
+        for index in range(len(tiles)):
+            values.append((len(values) * 37 % 11) / 10)
+            out[index] = values[-1]
+        return out
+
+    upscaler = nearest_upscaler(2, forward=constant_tiles)
+    settings = TileSettings(tile=10, overlap=4, blend=blend, tile_batch=3)
+    result = upscale_array(random_image(17, 23, seed=2), upscaler, settings)
+    expected = reference_blend(values, 17, 23, 10, 4, 2, blend)
+    error = np.abs(result.pixels - expected[..., None]).max()
+    assert error < 1e-6, error
 
 
 def test_nearest_checkpoint_through_spandrel_is_exact(tmp_path):
