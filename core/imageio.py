@@ -178,7 +178,27 @@ def _to_loaded_image(path: Path, image: Image.Image) -> LoadedImage:
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Quantise [0, 1] floats to uint8 with round-half-to-even, clipping out-of-range."""
-    return np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return _quantize(pixels, 255.0, np.uint8)
+
+
+# Elements quantised at a time, so that quantising a large image allocates no
+# float temporaries of the image's size.
+QUANTIZE_BLOCK = 2**20
+
+
+def _quantize(pixels: np.ndarray, peak: float, dtype: type) -> np.ndarray:
+    """Map [0, 1] to 0..peak in `dtype`, a block of rows (first axis) at a time."""
+    if not np.issubdtype(pixels.dtype, np.floating):
+        pixels = pixels.astype(np.float64)
+    if pixels.ndim == 0 or pixels.size == 0:
+        return np.round(np.clip(pixels, 0.0, 1.0) * peak).astype(dtype)
+    samples = np.empty(pixels.shape, dtype=dtype)
+    rows = max(1, QUANTIZE_BLOCK // (pixels.size // len(pixels)))
+    for top in range(0, len(pixels), rows):
+        block = np.clip(pixels[top : top + rows], 0.0, 1.0)
+        block *= peak
+        samples[top : top + rows] = np.round(block, out=block)
+    return samples
 
 
 def save_png(
@@ -203,7 +223,7 @@ def save_png(
 
 def to_uint16(pixels: np.ndarray) -> np.ndarray:
     """Quantise [0, 1] floats to uint16 with round-half-to-even, clipping out-of-range."""
-    return np.round(np.clip(pixels, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    return _quantize(pixels, 65535.0, np.uint16)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -63,8 +63,10 @@ def _to_model_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 def _from_model_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     if pixels.shape[2] == channels:
         return pixels
-    # Averaging in float64 returns a grey sample exactly when all three agree.
-    return pixels.astype(np.float64).mean(axis=2, keepdims=True).astype(np.float32)
+    # Averaging in float64 returns a grey sample exactly when all three agree. The
+    # dtype argument sums in float64 without a float64 copy of all three channels.
+    grey = pixels.mean(axis=2, keepdims=True, dtype=np.float64)
+    return grey.astype(np.float32)
 
 
 def upscale_image(
