@@ -109,7 +109,11 @@ def command(
         32, help="Overlap between neighbouring tiles in input pixels (under tile/2)."
     ),
     blend: str = typer.Option(
-        "hann", help=f"Blend window over the overlap: {', '.join(BLEND_WINDOWS)}."
+        "hann",
+        help=f"Blend window over the overlap: {', '.join(BLEND_WINDOWS)}. 'none' "
+        "cuts at the middle of the overlap with no blending: seam-free when the "
+        "overlap is at least the model's receptive field, naive hard tiling with "
+        "seams at --overlap 0.",
     ),
     tile_batch: int = typer.Option(
         1, "--tile-batch", help="Tiles sent to the model per call."

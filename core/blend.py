@@ -13,7 +13,10 @@ Registered windows (`BLEND_WINDOWS`, which the CLI's --blend choices come from):
   on the tile's border line.
 - linear: a straight ramp over the whole overlap, sampled at pixel centres.
 - none: a hard paste that switches tiles at the cut of `renderqa.core.tiling`
-  (the middle of the overlap, in input pixels), so seam-check's plan matches.
+  (the middle of the overlap, in input pixels), so seam-check's plan matches. Each
+  kept pixel is at least overlap // 2 input pixels inside its tile. So with an
+  overlap of at least the model's receptive field the output equals a single pass up
+  to float rounding, and with overlap 0 it is naive hard tiling, which leaves seams.
 - context: zero weight on the outer quarter of the overlap on each side and a
   raised cosine over the middle half, so the band whose pixels saw zero padding
   past the tile edge only serves as context for its neighbour.

@@ -479,6 +479,19 @@ def test_hann_tiles_have_no_seams(trained, name):
     assert psnr(tiled, single) >= 45.0
 
 
+def test_none_blend_wide_overlap_matches_single_pass(trained):
+    # The fixture's six 3x3 convolutions see 6 input pixels each way (a receptive
+    # field of 13), so with overlap 14 every pixel kept by the hard cut lies at
+    # least 7 pixels inside its tile and saw no zero padding.
+    pixels = load_photo("chelsea")[:192, :256]
+    single = upscale_array(pixels, trained, TileSettings(tile=1024)).pixels
+    settings = TileSettings(tile=64, overlap=14, blend="none")
+    tiled = upscale_array(pixels, trained, settings).pixels
+    error = float(np.abs(tiled - single).max())
+    assert error < 1e-5, error
+    assert find_seams(tiled, TilePlan(tile=64, overlap=14, scale=2)).seams == []
+
+
 def test_hard_tiles_show_seams(trained):
     # With no overlap the `none` blend pastes hard tile edges, whose pixels saw
     # zero padding; seam-check finds them where the tile plan says.
