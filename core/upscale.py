@@ -163,13 +163,12 @@ def _plan_axis(
         rise = starts[index - 1] + span - begin if index > 0 else 0
         fall = begin + span - starts[index + 1] if index + 1 < len(starts) else 0
         region = slice(begin * scale, (begin + span) * scale)
-        earlier.append(total[region].copy())
-        profiles.append(
-            edge_profile(span * scale, rise * scale, fall * scale, ramp, scale)
-        )
+        profile = edge_profile(span * scale, rise * scale, fall * scale, ramp, scale)
+        earlier.append(total[region].astype(np.float32))
+        profiles.append(profile.astype(np.float32))
         rises.append(rise * scale)
-        total[region] += profiles[-1]
-    return _AxisPlan(starts, profiles, earlier, rises, total)
+        total[region] += profile
+    return _AxisPlan(starts, profiles, earlier, rises, total.astype(np.float32))
 
 
 def _run_plan(
@@ -239,8 +238,11 @@ def _run_batch(
         ]
     )
     upscaled, redone = run_tiles(tiles, upscaler)
+    # One copy to (B, h, w, C) makes every later read of a tile contiguous, as the
+    # canvas is; blending straight from the (C, h, w) layout is slower.
+    upscaled = upscaled.permute(0, 2, 3, 1).contiguous()
     for (r, c), output in zip(batch, upscaled.numpy(), strict=True):
-        _add_tile(canvas, output.transpose(1, 2, 0), rows, r, cols, c, upscaler.scale)
+        _add_tile(canvas, output, rows, r, cols, c, upscaler.scale)
     return redone
 
 
@@ -272,7 +274,7 @@ def _add_tile(
     # the left band, so the tile's value is the mean there whatever its weight.
     target[rise_y:, rise_x:] = output[rise_y:, rise_x:]
 
-    # The bands are blended in blocks of BLOCK_ROWS rows so that the float64 weight
+    # The bands are blended in blocks of BLOCK_ROWS rows so that the 2-D weight
     # temporaries stay small however far the last tile was moved back.
     blocks = [
         (y, min(y + BLOCK_ROWS, rise_y), 0, width) for y in range(0, rise_y, BLOCK_ROWS)
@@ -289,22 +291,19 @@ def _add_tile(
         # tile's own row profile times their column profiles.
         row_weight = rows.profiles[r][y0:y1, None]
         weight = row_weight * cols.profiles[c][None, x0:x1]
-        earlier = (
-            rows.earlier[r][y0:y1, None] * col_total[None, x0:x1]
-            + row_weight * cols.earlier[c][None, x0:x1]
-        )
-        fraction = np.divide(
-            weight, earlier + weight, out=np.zeros_like(weight), where=weight > 0
-        )
+        earlier = rows.earlier[r][y0:y1, None] * col_total[None, x0:x1]
+        earlier += row_weight * cols.earlier[c][None, x0:x1]
+        total = earlier + weight
+        fraction = np.divide(weight, total, out=np.zeros_like(weight), where=total > 0)
         mean = target[y0:y1, x0:x1]
         tile_value = output[y0:y1, x0:x1]
         step = tile_value - mean
-        step *= fraction.astype(np.float32)[..., None]
+        step *= fraction[..., None]
         mean += step
         # Where earlier tiles gave no weight, take the tile's value exactly rather
         # than mean + 1 * (tile - mean), which can round.
-        unset = earlier == 0
-        mean[unset] = tile_value[unset]
+        if not earlier.all():
+            np.copyto(mean, tile_value, where=(earlier == 0)[..., None])
 
 
 @torch.inference_mode()
