@@ -47,10 +47,23 @@ def _check_options(
 def _peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB on {device}"
+    return f"{_peak_rss_bytes() / 2**20:.0f} MiB process RSS"
+
+
+def _peak_rss_bytes() -> int:
+    # On Linux ru_maxrss also keeps the peak of the image that exec replaced, so a
+    # renderqa started from a large process (a Python test harness) would report
+    # that process's peak. VmHWM counts this process's own memory only.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024
-    return f"{peak_bytes / 2**20:.0f} MiB process RSS"
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _upscale_one(
