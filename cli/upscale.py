@@ -96,7 +96,7 @@ def _upscale_one(
         {**metadata, "source": path.name},
     )
     colour = result.passes[0]
-    height, width = result.pixels.shape[:2]
+    height, width = image.height * upscaler.scale, image.width * upscaler.scale
     summary = (
         f"{target}: {image.width}x{image.height} -> {width}x{height}, "
         f"{sum(p.tiles for p in result.passes)} tiles of {colour.tile} "

@@ -12,14 +12,17 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import imagecodecs
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from renderqa.core.atomic import atomic_path, write_bytes_atomic
+from renderqa.core.atomic import atomic_path
+from renderqa.core.canvas import discard_rows
 from renderqa.core.errors import ImageReadError
 
 # Pillow's own default limit (about 89.5 megapixels) warns rather than fails below
@@ -178,7 +181,7 @@ def _to_loaded_image(path: Path, image: Image.Image) -> LoadedImage:
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Quantise [0, 1] floats to uint8 with round-half-to-even, clipping out-of-range."""
-    return _quantize(pixels, 255.0, np.uint8)
+    return _quantize(pixels, np.uint8)
 
 
 # Elements quantised at a time, so that quantising a large image allocates no
@@ -186,19 +189,39 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 QUANTIZE_BLOCK = 2**20
 
 
-def _quantize(pixels: np.ndarray, peak: float, dtype: type) -> np.ndarray:
-    """Map [0, 1] to 0..peak in `dtype`, a block of rows (first axis) at a time."""
+def _quantize(pixels: np.ndarray, dtype: type) -> np.ndarray:
+    """Map [0, 1] to the full range of the unsigned integer `dtype`."""
     if not np.issubdtype(pixels.dtype, np.floating):
         pixels = pixels.astype(np.float64)
     if pixels.ndim == 0 or pixels.size == 0:
+        peak = float(np.iinfo(dtype).max)
         return np.round(np.clip(pixels, 0.0, 1.0) * peak).astype(dtype)
     samples = np.empty(pixels.shape, dtype=dtype)
+    quantize_into(pixels, samples)
+    return samples
+
+
+def quantize_into(
+    pixels: np.ndarray, out: np.ndarray, discard_source: bool = False
+) -> None:
+    """Quantise float `pixels` in [0, 1] into `out`, a uint8 or uint16 array.
+
+    `out` has the shape of `pixels` and may be a strided view (one channel of a
+    larger array). Values are clipped to [0, 1], scaled to the dtype's maximum and
+    rounded half to even, a block of rows (first axis) at a time. With
+    `discard_source`, each block's rows go back to the operating system once read
+    (see `renderqa.core.canvas.discard_rows`), so `pixels` must not be read again.
+    """
+    if pixels.size == 0:
+        return
+    peak = float(np.iinfo(out.dtype).max)
     rows = max(1, QUANTIZE_BLOCK // (pixels.size // len(pixels)))
     for top in range(0, len(pixels), rows):
         block = np.clip(pixels[top : top + rows], 0.0, 1.0)
         block *= peak
-        samples[top : top + rows] = np.round(block, out=block)
-    return samples
+        out[top : top + rows] = np.round(block, out=block)
+        if discard_source:
+            discard_rows(pixels, top + rows)
 
 
 def save_png(
@@ -223,7 +246,7 @@ def save_png(
 
 def to_uint16(pixels: np.ndarray) -> np.ndarray:
     """Quantise [0, 1] floats to uint16 with round-half-to-even, clipping out-of-range."""
-    return _quantize(pixels, 65535.0, np.uint16)
+    return _quantize(pixels, np.uint16)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -240,14 +263,13 @@ def save_png16(
     """Write (H, W, C) uint16 samples as a 16-bit PNG atomically, C in 1 to 4.
 
     Pillow cannot write 16-bit colour, so the chunks are written here: IHDR, iCCP,
-    tEXt/iTXt, one IDAT with filter type 0 on every row, IEND.
+    tEXt/iTXt, one IDAT with filter type 0 on every row, IEND. The image data is
+    converted and compressed a block of rows at a time, so no full-size copy of
+    the samples or of the compressed stream is made.
     """
     height, width, channels = samples.shape
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    rows = samples.astype(">u2").reshape(height, width * channels)
-    filter_bytes = np.zeros((height, 1), dtype=np.uint8)
-    scanlines = np.concatenate([filter_bytes, rows.view(np.uint8)], axis=1)
     chunks = [_png_chunk(b"IHDR", header)]
     if icc_profile is not None:
         chunks.append(
@@ -262,9 +284,51 @@ def save_png16(
                     b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode()
                 )
             )
-    chunks.append(_png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)))
-    chunks.append(_png_chunk(b"IEND", b""))
-    write_bytes_atomic(path, b"\x89PNG\r\n\x1a\n" + b"".join(chunks))
+    with atomic_path(path) as tmp_path, open(tmp_path, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + b"".join(chunks))
+        _write_idat(handle, samples)
+        handle.write(_png_chunk(b"IEND", b""))
+
+
+def _write_idat(handle: BinaryIO, samples: np.ndarray) -> None:
+    """Write one IDAT chunk of big-endian scanlines with filter type 0.
+
+    The chunk's length comes before its data, so a placeholder is written first
+    and replaced once the compressed size is known.
+    """
+    start = handle.tell()
+    handle.write(b"\0\0\0\0IDAT")
+    checksum = zlib.crc32(b"IDAT")
+    length = 0
+    for data in _compressed_scanlines(samples):
+        handle.write(data)
+        checksum = zlib.crc32(data, checksum)
+        length += len(data)
+    handle.write(struct.pack(">I", checksum))
+    end = handle.tell()
+    handle.seek(start)
+    handle.write(struct.pack(">I", length))
+    handle.seek(end)
+
+
+def _compressed_scanlines(samples: np.ndarray) -> Iterator[bytes]:
+    """Yield the zlib stream (level 6) of the samples' scanlines, a block at a time.
+
+    With no flush between compress() calls, zlib 1.2.13 gives the same stream as
+    one zlib.compress(scanlines, 6) call on the whole image, as earlier versions of
+    this function made. zlib does not promise that, so a test compares the two.
+    """
+    height, width, channels = samples.shape
+    row_bytes = 1 + width * channels * 2
+    rows = max(1, QUANTIZE_BLOCK // row_bytes)  # about 1 MiB of scanlines a block
+    compressor = zlib.compressobj(6)
+    for top in range(0, height, rows):
+        block = samples[top : top + rows].astype(">u2")
+        block = block.reshape(len(block), width * channels)
+        scanlines = np.zeros((len(block), row_bytes), dtype=np.uint8)
+        scanlines[:, 1:] = block.view(np.uint8)
+        yield compressor.compress(scanlines)
+    yield compressor.flush()
 
 
 def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from renderqa.core.blend import edge_profile, get_ramp
+from renderqa.core.canvas import zeros_canvas
 from renderqa.core.devices import dtype_name
 from renderqa.core.errors import DeviceError, InvalidInputError
 from renderqa.core.tiling import check_tile_plan, tile_starts
@@ -58,7 +59,9 @@ class TileSettings:
 class TiledResult:
     """An upscaled image and what it took to make it."""
 
-    pixels: np.ndarray  # (H * scale, W * scale, C) float32 in [0, 1]
+    # (H * scale, W * scale, C) float32 in [0, 1], allocated by zeros_canvas. None
+    # in UpscaledImage.passes, whose pixels are in UpscaledImage.pixels and .alpha.
+    pixels: np.ndarray | None
     tiles: int  # tiles run in the final, successful plan
     tile: int  # tile size used in the end (smaller after out-of-memory restarts)
     overlap: int
@@ -193,9 +196,10 @@ def _run_plan(
 
     # 2. The canvas contains the weighted mean of the tiles added so far, so it is
     # also the result and there is no final division. See _add_tile for why float32
-    # is enough.
-    canvas = np.zeros(
-        (height * scale, width * scale, upscaler.output_channels), dtype=np.float32
+    # is enough. It is a memory-mapped canvas so that saving can return its rows to
+    # the operating system as they are quantised.
+    canvas = zeros_canvas(
+        (height * scale, width * scale, upscaler.output_channels), np.float32
     )
     source = torch.from_numpy(pixels).permute(2, 0, 1)
     retries = 0

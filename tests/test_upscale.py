@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
+import struct
+import sys
+import zlib
 from pathlib import Path
 
 import imagecodecs
@@ -19,6 +23,7 @@ from fixtures.make_upscaler import (
     write_unshuffle_checkpoint,
 )
 from renderqa.cli.app import app
+from renderqa.core import imageio
 from renderqa.core.blend import (
     BLEND_WINDOWS,
     edge_profile,
@@ -26,12 +31,19 @@ from renderqa.core.blend import (
     hard_ramp,
     linear_ramp,
 )
+from renderqa.core.canvas import discard_rows, zeros_canvas
 from renderqa.core.errors import DeviceError, InvalidInputError, ModelLoadError
-from renderqa.core.imageio import load_image
+from renderqa.core.imageio import load_image, save_png16
 from renderqa.core.seams import TilePlan, find_seams
 from renderqa.core.tiling import seam_positions, tile_starts
 from renderqa.core.upscale import TileSettings, upscale_array
-from renderqa.core.upscale_image import METADATA_KEY, upscale_image
+from renderqa.core.upscale_image import (
+    METADATA_KEY,
+    UpscaledImage,
+    save_upscaled,
+    take_samples,
+    upscale_image,
+)
 from renderqa.core.upscale_model import (
     Upscaler,
     choose_dtype,
@@ -531,6 +543,117 @@ def test_varying_alpha_upscaled_separately(tmp_path):
         result.alpha, direct_nearest(alpha.astype(np.float32) / 255.0, 2)
     )
     assert len(result.passes) == 2
+
+
+def test_save_releases_float_pixels(tmp_path):
+    alpha = (np.arange(99).reshape(9, 11) * 2).astype(np.uint8)
+    rgb = (random_image(9, 11) * 255).astype(np.uint8)
+    source = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, alpha])).save(source)
+    result = upscale_image(
+        load_image(source), nearest_upscaler(2), TileSettings(tile=8, overlap=2)
+    )
+    target = tmp_path / "out" / "rgba_x2.png"
+    save_upscaled(target, result, 8, "png", None, {})
+    assert result.pixels is None
+    assert result.alpha is None
+    assert [p.pixels for p in result.passes] == [None, None]
+    written = np.asarray(Image.open(target))
+    np.testing.assert_array_equal(written[..., :3], direct_nearest(rgb, 2))
+    np.testing.assert_array_equal(written[..., 3], direct_nearest(alpha, 2))
+    with pytest.raises(ValueError, match="already taken"):
+        take_samples(result, 8)
+
+
+def test_grey_image_keeps_no_rgb_canvas(tmp_path):
+    grey = (random_image(9, 11)[..., 0] * 255).astype(np.uint8)
+    source = tmp_path / "grey.png"
+    Image.fromarray(grey).save(source)
+    result = upscale_image(
+        load_image(source), nearest_upscaler(2), TileSettings(tile=8, overlap=2)
+    )
+    assert result.pixels.shape == (18, 22, 1)
+    assert result.passes[0].pixels is None
+    np.testing.assert_array_equal(
+        result.pixels[..., 0], direct_nearest(grey.astype(np.float32) / 255.0, 2)
+    )
+
+
+def test_discard_rows_zeroes_whole_pages_only():
+    canvas = zeros_canvas((400, 5, 3), np.float32)  # 60-byte rows
+    canvas[:] = 1.0
+    discard_rows(canvas, 300)
+    boundary = 300 * 60 // mmap.PAGESIZE * mmap.PAGESIZE
+    assert np.all(canvas[-(-boundary // 60) :] == 1.0)
+    if sys.platform == "linux":
+        # Linux zero-fills discarded pages; elsewhere they are undefined.
+        assert not canvas[: boundary // 60].any()
+
+
+def test_discard_rows_ignores_other_arrays():
+    plain = np.ones((64, 1024, 4), np.float32)
+    discard_rows(plain, 64)
+    assert np.all(plain == 1.0)
+    canvas = zeros_canvas((64, 1024, 4), np.float32)
+    canvas[:] = 1.0
+    discard_rows(canvas[8:], 32)
+    assert np.all(canvas == 1.0)
+
+
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(x.split()[1]) for x in status if x.startswith(field))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM; return False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not _reset_peak_rss(),
+    reason="needs Linux's /proc/self/clear_refs to reset the peak RSS",
+)
+def test_take_samples_peak_memory():
+    # A 48 MiB float canvas is quantised to 12 MiB of uint8 samples. With the
+    # canvas's rows discarded as they are read, the peak grew by about 6 MiB: one
+    # 4 MiB float block and page slack. Without it, the growth was about 20 MiB.
+    canvas = zeros_canvas((2048, 2048, 3), np.float32)
+    canvas[:] = 0.5
+    result = UpscaledImage(pixels=canvas, alpha=None, passes=[])
+    del canvas
+    before = _memory_kib("VmRSS:")
+    _reset_peak_rss()
+    samples = take_samples(result, 8)
+    growth_mib = (_memory_kib("VmHWM:") - before) / 1024
+    assert growth_mib < 12, f"peak grew by {growth_mib:.1f} MiB"
+    assert np.all(samples == 128)
+
+
+def test_png16_stream_matches_one_shot_zlib(tmp_path, monkeypatch):
+    # 139-byte scanlines in 1000-byte blocks: six compress() calls.
+    monkeypatch.setattr(imageio, "QUANTIZE_BLOCK", 1000)
+    rng = np.random.default_rng(4)
+    samples = np.zeros((37, 23, 3), dtype=np.uint16)
+    samples[:20] = rng.integers(0, 65536, size=(20, 23, 3))
+    samples[20:] = np.arange(23 * 3).reshape(23, 3) * 900
+    path = tmp_path / "stream16.png"
+    save_png16(path, samples, {"key": "value"})
+    rows = samples.astype(">u2").reshape(37, -1).view(np.uint8)
+    scanlines = np.concatenate([np.zeros((37, 1), np.uint8), rows], axis=1)
+    stream = zlib.compress(scanlines.tobytes(), 6)
+    data = path.read_bytes()
+    assert data[data.index(b"IDAT") - 4 : data.index(b"IDAT")] == struct.pack(
+        ">I", len(stream)
+    )
+    assert stream in data
+    np.testing.assert_array_equal(imagecodecs.png_decode(data), samples)
+    assert Image.open(path).text == {"key": "value"}
 
 
 def test_greyscale_16bit_precision_kept(tmp_path):

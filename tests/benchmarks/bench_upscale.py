@@ -1,6 +1,6 @@
 """Benchmark tiled upscaling: overlap cost, memory growth and seams by blend window.
 
-    .venv/bin/python tests/benchmarks/bench_upscale.py [--quick]
+    .venv/bin/python tests/benchmarks/bench_upscale.py [--quick] [--section NAME]
 
 1. Time: process CPU time of tiled upscaling with the trained fixture (Compact x2) on
    a 512x512 photograph, for several tiles and overlaps, after one warm-up run each.
@@ -9,13 +9,15 @@
    sum of tile areas over the image area) twice: against the single pass, and against
    the same tile size with overlap 0, which has the same per-pixel cost in cache.
    The target is a time ratio within 5% of the pixel ratio.
-2. Memory: peak process RSS of `upscale_array` and of the whole `renderqa upscale`
-   command for a 4096x4096 output against a 1024x1024 one (the exact nearest x4
-   checkpoint, tile 256, overlap 16), each in a fresh subprocess. The canvas is the
-   (H, W, 3) float32 array that accumulates the tiles and is returned as the result,
-   the only array of output size that `upscale_array` makes. The target is peak
-   growth no larger than the 4096x4096 canvas. The input grows too (by 11 MiB as
-   float32) and is printed separately.
+2. Memory: peak process RSS of `upscale_array` for a 4096x4096 output against a
+   1024x1024 one (the exact nearest x4 checkpoint, tile 256, overlap 16), each in a
+   fresh subprocess. The canvas is the (H, W, 3) float32 array that accumulates the
+   tiles and is returned as the result, the only array of output size that
+   `upscale_array` makes. The target is peak growth no larger than the 4096x4096
+   canvas. The input grows too (by 11 MiB as float32) and is printed separately.
+   The same figures for the whole `renderqa upscale` command, PNG in and out, for an
+   8-bit RGB, an 8-bit RGBA (alpha not constant) and a 16-bit RGB noise image; each
+   run is a fresh process that reports its own VmHWM.
 3. Seams: PSNR of the tiled output against the single pass, and the seams that
    `renderqa.core.seams` finds at the tile plan's boundaries, for each blend window
    at overlap 8, for hard tiles (`none`, overlap 0), and for `hann` and `none` at
@@ -36,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import torch
 from PIL import Image
@@ -178,11 +181,27 @@ def core_peak_mib(model: Path, side: int, env: dict | None = None) -> float:
     return peaks["after_kib"] / 1024
 
 
-def command_peak_mib(model: Path, side: int, folder: Path) -> float:
-    """Run `renderqa upscale` on a side x side RGB PNG; return its reported peak RSS."""
-    image = folder / f"noise-{side}.png"
+def write_noise_png(folder: Path, side: int, kind: str) -> Path:
+    """Write a side x side noise PNG: `rgb` and `rgba` 8-bit, `rgb16` 16-bit."""
     rng = np.random.default_rng(side)
-    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(image)
+    path = folder / f"noise-{kind}-{side}.png"
+    if kind == "rgb16":
+        samples = rng.integers(0, 65536, (side, side, 3), dtype=np.uint16)
+        path.write_bytes(imagecodecs.png_encode(samples))
+    else:
+        channels = 4 if kind == "rgba" else 3
+        samples = rng.integers(0, 256, (side, side, channels), dtype=np.uint8)
+        Image.fromarray(samples).save(path)
+    return path
+
+
+def command_peak_mib(
+    model: Path, image: Path, folder: Path, env: dict | None = None
+) -> float:
+    """Run `renderqa upscale` on `image` in a fresh process; return its peak RSS.
+
+    The command reports VmHWM, its own peak resident memory, on Linux.
+    """
     completed = subprocess.run(
         [sys.executable, "-m", "renderqa.cli", "upscale", str(image)]
         + ["--model", str(model), "--tile", "256", "--overlap", "16"]
@@ -190,6 +209,7 @@ def command_peak_mib(model: Path, side: int, folder: Path) -> float:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, **(env or {})},
     )
     found = re.search(r"peak memory (\d+) MiB process RSS", completed.stdout)
     if found is None:
@@ -208,13 +228,10 @@ def bench_memory(quick: bool) -> None:
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         model = write_nearest_checkpoint(folder / "nearest-x4.safetensors", 4)
-        core, fixed, command = {}, {}, {}
+        core, fixed = {}, {}
         for side in SIDES:
             core[side] = [core_peak_mib(model, side) for _ in range(repeats)]
             fixed[side] = core_peak_mib(model, side, FIXED_MMAP_THRESHOLD)
-            command[side] = [
-                command_peak_mib(model, side, folder) for _ in range(repeats)
-            ]
 
     def median(values: list[float]) -> float:
         return float(np.median(values))
@@ -226,20 +243,55 @@ def bench_memory(quick: bool) -> None:
         print(
             f"output {out}x{out}: upscale_array {median(core[side]):.0f} "
             f"({min(core[side]):.0f} to {max(core[side]):.0f}; "
-            f"{fixed[side]:.0f} with a fixed mmap threshold), renderqa upscale "
-            f"{median(command[side]):.0f} ({min(command[side]):.0f} to "
-            f"{max(command[side]):.0f}), canvas {canvas_mib(out):.0f}"
+            f"{fixed[side]:.0f} with a fixed mmap threshold), "
+            f"canvas {canvas_mib(out):.0f}"
         )
     inputs = (SIDES[1] ** 2 - SIDES[0] ** 2) * 3 * 4 / 2**20
     print(
         f"growth {small} -> {large} output: upscale_array "
         f"{median(core[SIDES[1]]) - median(core[SIDES[0]]):.0f} "
-        f"({fixed[SIDES[1]] - fixed[SIDES[0]]:.0f} with a fixed mmap threshold), "
-        "renderqa upscale "
-        f"{median(command[SIDES[1]]) - median(command[SIDES[0]]):.0f}; "
+        f"({fixed[SIDES[1]] - fixed[SIDES[0]]:.0f} with a fixed mmap threshold); "
         f"{large}x{large} canvas {canvas_mib(large):.0f}, canvas growth "
         f"{canvas_mib(large) - canvas_mib(small):.0f}, float32 input growth "
         f"{inputs:.0f}"
+    )
+
+
+COMMAND_KINDS = ("rgb", "rgba", "rgb16")
+
+
+def bench_command_memory(quick: bool) -> None:
+    repeats = 1 if quick else 3
+    peaks = {}
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        model = write_nearest_checkpoint(folder / "nearest-x4.safetensors", 4)
+        for kind in COMMAND_KINDS:
+            for side in SIDES:
+                image = write_noise_png(folder, side, kind)
+                peaks[kind, side] = [
+                    command_peak_mib(model, image, folder) for _ in range(repeats)
+                ]
+                fixed = command_peak_mib(model, image, folder, FIXED_MMAP_THRESHOLD)
+                peaks[f"{kind}, fixed mmap threshold", side] = [fixed]
+
+    small, large = (side * 4 for side in SIDES)
+    print(
+        f"\n2b. renderqa upscale peak RSS (VmHWM; nearest x4, tile 256, overlap 16, "
+        f"PNG in and out), MiB, median of {repeats} fresh processes"
+    )
+    print(
+        f"{'input':>29} {f'{small}x{small}':>12} {f'{large}x{large}':>12} "
+        f"{'growth':>7}   runs at {large}x{large}"
+    )
+    for kind in dict.fromkeys(key for key, _ in peaks):
+        low, high = (float(np.median(peaks[kind, side])) for side in SIDES)
+        runs = ", ".join(f"{value:.0f}" for value in peaks[kind, SIDES[1]])
+        print(f"{kind:>29} {low:12.0f} {high:12.0f} {high - low:7.0f}   {runs}")
+    inputs = (SIDES[1] ** 2 - SIDES[0] ** 2) * 3 * 4 / 2**20
+    print(
+        f"{large}x{large} canvas {canvas_mib(large):.0f} MiB; float32 input growth "
+        f"{inputs:.0f} MiB (RGB; RGBA adds a third for alpha)"
     )
 
 
@@ -300,16 +352,29 @@ def bench_gpu() -> None:
             )
 
 
+SECTIONS = {
+    "time": bench_time,
+    "memory": bench_memory,
+    "command-memory": bench_command_memory,
+    "seams": bench_seams,
+    "gpu": lambda quick: bench_gpu(),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and photos")
+    parser.add_argument(
+        "--section",
+        action="append",
+        choices=list(SECTIONS),
+        help="run only this section (repeatable); default: all",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread")
-    bench_time(args.quick)
-    bench_memory(args.quick)
-    bench_seams(args.quick)
-    bench_gpu()
+    for section in args.section or SECTIONS:
+        SECTIONS[section](args.quick)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nbenchmark process peak RSS {peak:.0f} MiB")
 
