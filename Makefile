@@ -9,7 +9,7 @@ FIXTURES := fixtures/build/.built
 DEMO_OUT := demo-out
 
 .PHONY: all venv fixtures test lint demo bench clean
-.PHONY: demo-studio
+.PHONY: demo-render demo-sweep demo-studio
 
 all: test
 
@@ -34,14 +34,17 @@ lint: $(INSTALLED)
 test: lint $(FIXTURES)
 	$(VENV)/bin/pytest
 
-demo: $(FIXTURES) demo-render demo-sweep
+# The main job runs on the trained miniature studio models (committed weights in
+# fixtures/trained/, no download): a render, then the guidance trade-off sweep.
+demo: demo-render demo-studio
 
-demo-render: $(FIXTURES)
-	$(RENDERQA) render "a red mug on a white background" \
-		--model fixtures/build/tiny-sdxl-eps --seeds 0-1 --steps 8 \
+demo-render: $(INSTALLED)
+	HF_HUB_OFFLINE=1 $(RENDERQA) render "a red mug on a white background" \
+		--model fixtures/trained/studio-sdxl --seeds 0-3 --steps 20 \
 		--width 64 --height 64 --guidance-scale 9 --guidance-rescale 0.7 \
 		--out $(DEMO_OUT)/render
 
+# A small sweep on the random-weight fixtures: it exercises the code, not the effect.
 demo-sweep: $(FIXTURES)
 	HF_HUB_OFFLINE=1 $(RENDERQA) sweep-rescale \
 		--model fixtures/build/tiny-sdxl-eps \
@@ -52,8 +55,8 @@ demo-sweep: $(FIXTURES)
 		--clip-pretrained fixtures/build/tiny-clip/tiny-clip.safetensors \
 		--out $(DEMO_OUT)/sweep
 
-# The trade-off on the trained miniature studio pipeline (committed weights, no
-# download): guidance 3 and 9, rescale 0 to 1, with and without latent thresholding.
+# The trade-off on the trained miniature studio pipeline: guidance 3 and 9, rescale
+# 0 to 1, with and without latent thresholding.
 demo-studio: $(INSTALLED)
 	HF_HUB_OFFLINE=1 $(RENDERQA) sweep-rescale \
 		--model fixtures/trained/studio-sdxl \
@@ -61,7 +64,7 @@ demo-studio: $(INSTALLED)
 		--prompt "a blue bottle on a white background" \
 		--prompt "a yellow box on a light grey background" \
 		--prompt "a green vase on a white background" \
-		--seeds 0-1 --guidance-scale 3,9 --guidance-rescale 0,0.25,0.5,0.7,1.0 \
+		--seeds 0-3 --guidance-scale 3,9 --guidance-rescale 0,0.25,0.5,0.7,1.0 \
 		--threshold off,latent:0.995:3 --steps 20 --width 64 --height 64 \
 		--batch-size 10 --clip-model local-dir:fixtures/trained/studio-clip \
 		--tolerance 2 --out $(DEMO_OUT)/studio
