@@ -1,8 +1,8 @@
 """Output canvases whose memory can go back to the operating system row by row.
 
 A canvas is a C-contiguous array in its own anonymous memory map. An image can be
-converted block by block into a smaller array, quantised to 8 or 16 bits for
-saving, say. `discard_rows` then returns the pages of the rows already converted,
+converted block by block into a smaller array, for example quantised to 8 or 16
+bits for saving. `discard_rows` then returns the pages of the rows already converted,
 so the float canvas shrinks while the converted copy grows. The process's peak
 memory stays near the canvas's own size.
 """
