@@ -47,10 +47,19 @@ class LatentStats:
     scaling_factor: float
     expected_std: float = LATENT_EXPECTED_STD
     problems: list[str] = field(default_factory=list)
+    # Std of the latents the decoder receives, when measured after a per-channel
+    # unscale (latents_mean and latents_std in the VAE config).
+    measured_vae_space_std: float | None = None
 
     @property
     def vae_space_std(self) -> float:
-        """Std after the pipeline divides by scaling_factor, as the decoder receives it."""
+        """Std of the latents as the decoder receives them, after the pipeline's unscale.
+
+        Without a measured value, this is std / scaling_factor, which is exact for
+        pipelines that only divide by scaling_factor (and add a shift_factor).
+        """
+        if self.measured_vae_space_std is not None:
+            return self.measured_vae_space_std
         return self.std / self.scaling_factor
 
     @property
@@ -186,17 +195,28 @@ def displayed_pixels(pixels: np.ndarray) -> np.ndarray:
 # Latents ------------------------------------------------------------------------
 
 
-def latent_statistics(latents: torch.Tensor, scaling_factor: float) -> LatentStats:
-    """Measure UNet-space latents and list what is extreme about them."""
-    values = latents.detach().to(torch.float64).flatten()
-    finite = values[torch.isfinite(values)]
-    nonfinite_count = values.numel() - finite.numel()
+def latent_statistics(
+    latents: torch.Tensor,
+    scaling_factor: float,
+    vae_space_latents: torch.Tensor | None = None,
+) -> LatentStats:
+    """Measure UNet-space latents and list what is extreme about them.
+
+    Pass `vae_space_latents` (the same latents after the pipeline's unscale) when the
+    VAE config scales per channel, so that their std is measured, not derived.
+    """
+    finite = _finite_values(latents)
+    nonfinite_count = latents.numel() - finite.numel()
     if finite.numel() == 0:
         mean = std = max_abs = math.nan
     else:
         mean = finite.mean().item()
         std = finite.std(correction=0).item()
         max_abs = finite.abs().max().item()
+    measured = None
+    if vae_space_latents is not None:
+        unscaled = _finite_values(vae_space_latents)
+        measured = unscaled.std(correction=0).item() if unscaled.numel() else math.nan
     stats = LatentStats(
         shape=tuple(latents.shape),
         mean=mean,
@@ -204,9 +224,15 @@ def latent_statistics(latents: torch.Tensor, scaling_factor: float) -> LatentSta
         max_abs=max_abs,
         nonfinite_count=nonfinite_count,
         scaling_factor=scaling_factor,
+        measured_vae_space_std=measured,
     )
     stats.problems = _latent_problems(stats)
     return stats
+
+
+def _finite_values(tensor: torch.Tensor) -> torch.Tensor:
+    values = tensor.detach().to(torch.float64).flatten()
+    return values[torch.isfinite(values)]
 
 
 def _latent_problems(stats: LatentStats) -> list[str]:

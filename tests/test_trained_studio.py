@@ -30,7 +30,7 @@ from fixtures.studio_data import (
 from fixtures.train_studio import evaluate_studio, normalise_latents, train
 from renderqa.cli.app import app
 from renderqa.core.pipeline import load_pipeline
-from renderqa.core.render import RenderRequest, render_batch
+from renderqa.core.render import RenderRequest, render_batch, save_render
 
 TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
 SDXL_DIR = TRAINED / "studio-sdxl"
@@ -131,6 +131,37 @@ def test_saved_vae_decodes_centred_latents():
     assert config["scaling_factor"] == 1.0
     assert len(config["latents_mean"]) == len(config["latents_std"]) == 4
     assert all(std > 0 for std in config["latents_std"])
+
+
+@pytest.mark.slow
+@needs_weights
+def test_vae_probe_measures_per_channel_unscale(tmp_path):
+    loaded = load_pipeline(str(SDXL_DIR), device="cpu", dtype="fp32")
+    request = RenderRequest(
+        prompt=caption_for("pink", "ball"),
+        seed=0,
+        steps=4,
+        width=64,
+        height=64,
+        guidance_scale=9.0,
+    )
+    result = render_batch(loaded, [request])[0]
+    save_render(result, tmp_path / "render.png")
+    out = tmp_path / "probe"
+    args = ["vae-probe", str(tmp_path / "render.png"), "--dtypes", "fp16"]
+    cli = CliRunner().invoke(app, [*args, "--no-timing", "--out", str(out)])
+    assert cli.exit_code == 0, cli.output
+
+    summary = json.loads((out / "summary.json").read_text())["latents"]
+    config = loaded.pipe.vae.config
+    shape = (1, 4, 1, 1)
+    mean = torch.tensor(config.latents_mean, dtype=torch.float64).view(shape)
+    std = torch.tensor(config.latents_std, dtype=torch.float64).view(shape)
+    unscaled = result.latents.double() * std + mean
+    expected = unscaled.std(correction=0).item()
+    assert summary["vae_space_std"] == pytest.approx(expected, rel=1e-5)
+    # With scaling_factor 1, std / scaling_factor would repeat the UNet-space std.
+    assert summary["vae_space_std"] > 1.5 * summary["std"]
 
 
 def _zero_shot(model, preprocess, tokenizer, shots):

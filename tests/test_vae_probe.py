@@ -330,6 +330,15 @@ def test_latent_statistics_hand_computed():
     assert stats.problems == ["1 non-finite values"]
 
 
+def test_latent_statistics_measures_vae_space_std():
+    latents = torch.tensor([1.0, -1.0, 3.0, -3.0]).reshape(1, 1, 1, 4)
+    unscaled = torch.tensor([7.0, 5.0, 9.0, math.inf]).reshape(1, 1, 1, 4)
+    stats = vp_verdict.latent_statistics(latents, 1.0, vae_space_latents=unscaled)
+    # Population std of the finite 7, 5, 9: sqrt(8 / 3).
+    assert stats.vae_space_std == pytest.approx(math.sqrt(8 / 3))
+    assert stats.std == pytest.approx(math.sqrt(5.0))
+
+
 def test_latent_statistics_flags_collapsed_latents():
     stats = vp_verdict.latent_statistics(
         torch.full((1, 4, 2, 2), 0.01), scaling_factor=0.18
