@@ -18,6 +18,7 @@ from rich.table import Table
 from renderqa.cli.common import report_errors, stderr_console, stdout_console
 from renderqa.core.atomic import check_output_file, write_text_atomic
 from renderqa.core.errors import InvalidInputError, OutputError, RenderQAError
+from renderqa.core.imageio import DEFAULT_MAX_PIXELS
 from renderqa.core.seams import (
     HORIZONTAL,
     VERTICAL,
@@ -101,9 +102,16 @@ def command(
         help="Folder for a copy of each image with seams marked and a profile plot.",
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Images checked in parallel."),
+    max_pixels: int = typer.Option(
+        DEFAULT_MAX_PIXELS,
+        "--max-pixels",
+        help="Reject images with more pixels than this (decompression bombs).",
+    ),
 ) -> None:
     """Find tile seams; exit 0 when clean, 1 when seams are found, 2 on bad input."""
     settings, plan = _check_options(tile, overlap, scale, factor, jobs)
+    if max_pixels < 1:
+        raise InvalidInputError(f"--max-pixels {max_pixels} must be at least 1 pixel")
     for option, target in (("--json", json_path), ("--csv", csv_path)):
         if target is not None:
             check_output_file(target, option)
@@ -111,7 +119,7 @@ def command(
     if overlay is not None:
         _make_folder(overlay)
 
-    results = _check_files(files, plan, settings, overlay, jobs)
+    results = _check_files(files, plan, settings, overlay, jobs, max_pixels)
     _print_results(results)
     try:
         if json_path is not None:
@@ -184,11 +192,15 @@ def _make_folder(folder: Path) -> None:
 
 
 def check_file(
-    path: Path, plan: TilePlan | None, settings: SeamSettings, overlay: Path | None
+    path: Path,
+    plan: TilePlan | None,
+    settings: SeamSettings,
+    overlay: Path | None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FileResult:
     """Check one file; an unreadable file or a plan that does not fit is an error row."""
     try:
-        image = read_luma(path)
+        image = read_luma(path, max_pixels)
         report = find_seams_in_luma(image.luma, plan, settings)
         if overlay is not None:
             _write_overlays(path, report, settings, overlay)
@@ -252,6 +264,7 @@ def _check_files(
     settings: SeamSettings,
     overlay: Path | None,
     jobs: int,
+    max_pixels: int,
 ) -> list[FileResult]:
     """Check every file, `jobs` at a time, with a progress bar on stderr.
 
@@ -269,7 +282,8 @@ def _check_files(
     with progress, ThreadPoolExecutor(max_workers=jobs) as executor:
         task = progress.add_task("files", total=len(files))
         futures = [
-            executor.submit(check_file, path, plan, settings, overlay) for path in files
+            executor.submit(check_file, path, plan, settings, overlay, max_pixels)
+            for path in files
         ]
         results = []
         for future in futures:

@@ -13,6 +13,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -51,15 +52,16 @@ class LoadedImage:
         return self.pixels.shape[1]
 
 
-def load_image(
-    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
-) -> LoadedImage:
-    """Decode an image file, apply its EXIF orientation and split off alpha.
+@contextmanager
+def open_image(
+    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[Image.Image]:
+    """Open an image file for reading, with the checks every reader of user files needs.
 
-    Raises ImageReadError for a missing, zero-byte, truncated or non-image file, and
-    for an image above `max_pixels` (checked from the header, before decoding).
+    Raises ImageReadError for a missing or zero-byte file, for an image above
+    `max_pixels` (checked from the header, before decoding), and for any Pillow or
+    imagecodecs decode failure inside the `with` block. The file is closed on exit.
     """
-    path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
     if path.stat().st_size == 0:
@@ -67,18 +69,15 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageReadError(
-                    f"{path}: {width}x{height} is above the limit of {max_pixels} "
-                    "pixels (a possible decompression bomb); raise the limit if the "
-                    "file is trusted"
-                )
-            wide_colour = is_16bit_colour_png(image)
-            image.load()
-            if wide_colour:
-                return _load_16bit_colour_png(path, image)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageReadError(
+                        f"{path}: {width}x{height} is above the limit of {max_pixels} "
+                        "pixels (a possible decompression bomb); raise --max-pixels "
+                        "if the file is trusted"
+                    )
+                yield image
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -95,7 +94,23 @@ def load_image(
         raise ImageReadError(
             f"{path}: rejected as a decompression bomb ({error})"
         ) from None
-    return _to_loaded_image(path, image)
+
+
+def load_image(
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> LoadedImage:
+    """Decode an image file, apply its EXIF orientation and split off alpha.
+
+    Raises ImageReadError for a missing, zero-byte, truncated or non-image file, and
+    for an image above `max_pixels` (checked from the header, before decoding).
+    """
+    path = Path(path)
+    with open_image(path, max_pixels) as image:
+        wide_colour = is_16bit_colour_png(image)
+        image.load()
+        if wide_colour:
+            return _load_16bit_colour_png(path, image)
+        return _to_loaded_image(path, image)
 
 
 def is_16bit_colour_png(image: Image.Image) -> bool:

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from renderqa.core.atomic import atomic_path
-from renderqa.core.errors import ImageReadError
 from renderqa.core.imageio import (
     DEFAULT_MAX_PIXELS,
     is_16bit_colour_png,
     load_image,
+    open_image,
     save_png,
     to_uint8,
 )
@@ -59,39 +58,17 @@ def read_luma(
     for an image above `max_pixels`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"{path}: file is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                mode = image.mode
-                # Pillow reports a 16-bit RGB(A) PNG as plain RGB(A) and keeps only
-                # the high byte, so such files take the full-precision path too.
-                if mode not in EIGHT_BIT_MODES or is_16bit_colour_png(image):
-                    image.close()
-                    return _read_high_depth(path, max_pixels)
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageReadError(
-                        f"{path}: {width}x{height} is above the limit of {max_pixels} "
-                        "pixels; raise --max-pixels if the file is trusted"
-                    )
-                image.load()
-                has_alpha = "A" in image.getbands() or "transparency" in image.info
-                luma = np.asarray(ImageOps.exif_transpose(image).convert("L"))
-    except ImageReadError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
-    except Image.DecompressionBombWarning as error:
-        raise ImageReadError(
-            f"{path}: rejected as a decompression bomb ({error})"
-        ) from None
+    with open_image(path, max_pixels) as image:
+        mode = image.mode
+        # Pillow reports a 16-bit RGB(A) PNG as plain RGB(A) and keeps only the
+        # high byte, so such files take the full-precision path too.
+        high_depth = mode not in EIGHT_BIT_MODES or is_16bit_colour_png(image)
+        if not high_depth:
+            image.load()
+            has_alpha = "A" in image.getbands() or "transparency" in image.info
+            luma = np.asarray(ImageOps.exif_transpose(image).convert("L"))
+    if high_depth:
+        return _read_high_depth(path, max_pixels)
     return LumaImage(path=path, luma=luma, bit_depth=8, mode=mode, has_alpha=has_alpha)
 
 

@@ -457,6 +457,40 @@ def test_cli_bad_files_exit_2_others_checked(image_folder, tmp_path):
     assert statuses["seamy.tif"] == "seams"
 
 
+def test_cli_max_pixels_limits_both_readers(image_folder, tmp_path):
+    # clean.png takes the 8-bit path and seamy16.png the 16-bit one.
+    paths = [str(image_folder / "clean.png"), str(image_folder / "seamy16.png")]
+    sizes = []
+    for path in paths:
+        with Image.open(path) as image:
+            sizes.append(image.width * image.height)
+    limit = min(sizes) - 1
+    json_path = tmp_path / "out.json"
+    result = CliRunner().invoke(
+        app,
+        ["seam-check", *paths, "--max-pixels", str(limit), "--json", str(json_path)],
+    )
+    assert result.exit_code == 2, result.output
+    errors = [f["error"] for f in json.loads(json_path.read_text())["files"]]
+    assert len(errors) == 2
+    for error in errors:
+        assert f"is above the limit of {limit} pixels" in error
+        assert error.endswith("raise --max-pixels if the file is trusted")
+
+    raised = CliRunner().invoke(
+        app, ["seam-check", *paths, "--max-pixels", str(max(sizes))]
+    )
+    assert raised.exit_code == 1, raised.output
+
+
+def test_cli_rejects_zero_max_pixels(image_folder):
+    result = CliRunner().invoke(
+        app, ["seam-check", str(image_folder), "--max-pixels", "0"]
+    )
+    assert result.exit_code == 2
+    assert "--max-pixels 0 must be at least 1 pixel" in result.output
+
+
 def test_cli_plan_that_cannot_fit_exits_2(image_folder):
     result = CliRunner().invoke(
         app,
