@@ -88,7 +88,8 @@ def _results_table(outcome: SweepOutcome, tolerance: Decimal) -> Table:
     table = Table(
         title=f"sweep-rescale: {outcome.folder}",
         caption=f"* least saturated setting whose CLIP cosine is within {tolerance}% "
-        "of rescale 0 at the same guidance scale; sat = saturated pixels, "
+        "of rescale 0 at the same guidance scale and thresholding; "
+        "sat = saturated pixels, "
         "CI = 95% t interval, CLIP = raw cosine",
     )
     show_threshold = any(s.threshold != "off" for s in outcome.summaries)
@@ -218,7 +219,8 @@ def command(
     tolerance: str = typer.Option(
         "0.5",
         "--tolerance",
-        help="Allowed CLIP drop, in percent of rescale 0, for the recommended setting.",
+        help="Allowed CLIP drop, in percent of rescale 0 at the same guidance scale and "
+        "thresholding, for the recommended setting.",
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Clear the folder's sweep outputs and start afresh."
