@@ -226,6 +226,11 @@ class _Server(ThreadingHTTPServer):
 def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # The headers and the body go out in two writes. With Nagle's algorithm on,
+        # the body waits for the client's delayed ACK of the headers on each
+        # kept-alive request. asyncio's TCP transports set TCP_NODELAY on every
+        # connection, so this stand-in does too.
+        disable_nagle_algorithm = True
 
         def do_POST(self) -> None:
             self._answer()
