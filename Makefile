@@ -61,9 +61,9 @@ demo-studio: $(INSTALLED)
 	HF_HUB_OFFLINE=1 $(RENDERQA) sweep-rescale \
 		--model fixtures/trained/studio-sdxl \
 		--prompt "a red mug on a white background" \
-		--prompt "a blue bottle on a white background" \
+		--prompt "an orange ball on a white background" \
+		--prompt "a green vase on a white background" \
 		--prompt "a pink ball on a white background" \
-		--prompt "a black vase on a white background" \
 		--seeds 0-3 --guidance-scale 3,9 --guidance-rescale 0,0.25,0.5,0.7,1.0 \
 		--threshold off,latent:0.995:3 --steps 20 --width 64 --height 64 \
 		--batch-size 10 --clip-model local-dir:fixtures/trained/studio-clip \
