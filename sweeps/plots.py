@@ -124,11 +124,13 @@ def contact_sheet(
     rescales: list[str],
     seeds: list[int],
     title: str,
+    notes: dict[tuple[str, int], str] | None = None,
 ) -> Image.Image:
     """Build one labelled grid image: rows are rescale factors, columns are seeds.
 
     `cells` maps (guidance_rescale, seed) to an image path. A cell without an image
     stays grey, so the sheet of an unfinished sweep still shows its full grid.
+    `notes` maps the same keys to a short text drawn under each cell.
     """
     images = {
         key: Image.open(path).convert("RGB") for key, path in cells.items() if path
@@ -141,18 +143,25 @@ def contact_sheet(
     font = _font()
     row_label_w = 12 + max(_text_width(f"rescale {r}", font) for r in rescales)
     title_h, header_h, gap = FONT_SIZE + 14, FONT_SIZE + 8, 4
-    sheet_w = row_label_w + len(seeds) * (cell_w + gap) + gap
+    notes = notes or {}
+    note_h = FONT_SIZE + 4 if notes else 0
+    note_font = _font(FONT_SIZE - 2)
+    note_widths = [_text_width(note, note_font) for note in notes.values()]
+    widest_note = max(note_widths, default=0)
+    column_w = max(cell_w, widest_note)
+    row_h = cell_h + note_h
+    sheet_w = row_label_w + len(seeds) * (column_w + gap) + gap
     sheet_w = max(sheet_w, _text_width(title, font) + 16)
-    sheet_h = title_h + header_h + len(rescales) * (cell_h + gap) + gap
+    sheet_h = title_h + header_h + len(rescales) * (row_h + gap) + gap
     sheet = Image.new("RGB", (sheet_w, sheet_h), SHEET_BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     draw.text((8, 6), title, fill=LABEL_COLOUR, font=font)
 
     for column, seed in enumerate(seeds):
-        x = row_label_w + gap + column * (cell_w + gap)
+        x = row_label_w + gap + column * (column_w + gap)
         draw.text((x, title_h), f"seed {seed}", fill=LABEL_COLOUR, font=font)
     for row, rescale in enumerate(rescales):
-        y = title_h + header_h + row * (cell_h + gap)
+        y = title_h + header_h + row * (row_h + gap)
         draw.text(
             (6, y + cell_h // 2 - FONT_SIZE // 2),
             f"rescale {rescale}",
@@ -160,7 +169,10 @@ def contact_sheet(
             font=font,
         )
         for column, seed in enumerate(seeds):
-            x = row_label_w + gap + column * (cell_w + gap)
+            x = row_label_w + gap + column * (column_w + gap)
+            note = notes.get((rescale, seed))
+            if note:
+                draw.text((x, y + cell_h + 1), note, fill=LABEL_COLOUR, font=note_font)
             image = images.get((rescale, seed))
             if image is None:
                 draw.rectangle(
@@ -185,24 +197,42 @@ def write_contact_sheets(
     rescales: list[str],
     seeds: list[int],
 ) -> list[Path]:
-    """Write one sheet per prompt, guidance scale and threshold; return their paths."""
+    """Write one sheet per prompt, guidance scale and threshold; return their paths.
+
+    Each cell is labelled with its image's saturated-pixel percentage.
+    """
     sheets_folder.mkdir(parents=True, exist_ok=True)
     groups: dict[tuple[str, str, str], dict[tuple[str, int], Path | None]] = {}
+    notes: dict[tuple[str, str, str], dict[tuple[str, int], str]] = {}
     prompts: dict[str, str] = {}
     for row in rows:
         key = (row["prompt_id"], row["guidance_scale"], row["threshold"])
         image_path = folder / row["image"]
         cell = image_path if image_path.is_file() else None
-        groups.setdefault(key, {})[(row["guidance_rescale"], int(row["seed"]))] = cell
+        cell_key = (row["guidance_rescale"], int(row["seed"]))
+        groups.setdefault(key, {})[cell_key] = cell
+        notes.setdefault(key, {})[cell_key] = _saturation_note(row)
         prompts[row["prompt_id"]] = row["prompt"]
     written = []
     for (prompt_id, scale, threshold), cells in sorted(groups.items()):
         prompt = prompts[prompt_id]
         short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
         title = f"{prompt_id}: {short} | guidance_scale {scale} | threshold {threshold}"
-        sheet = contact_sheet(cells, rescales, seeds, title)
+        key = (prompt_id, scale, threshold)
+        sheet = contact_sheet(cells, rescales, seeds, title, notes[key])
         name = f"{prompt_id}__gs{scale}__th{threshold.replace(':', '-')}.png"
         path = sheets_folder / name
         save_png(path, sheet, text={"title": title})
         written.append(path)
     return written
+
+
+def _saturation_note(row: dict[str, str]) -> str:
+    """Return "sat 12.3%" for a results row, or "" when its fraction is not a number."""
+    try:
+        fraction = float(row["saturated_fraction"])
+    except (KeyError, ValueError):
+        return ""
+    if not math.isfinite(fraction):
+        return ""
+    return f"sat {100 * fraction:.1f}%"

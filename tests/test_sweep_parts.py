@@ -24,6 +24,7 @@ from renderqa.sweeps.definition import (
 )
 from renderqa.sweeps.plots import (
     MISSING_CELL,
+    _saturation_note,
     contact_sheet,
     plot_saturation_vs_clip,
 )
@@ -393,6 +394,33 @@ def test_contact_sheet_places_cells_by_rescale_and_seed(tmp_path):
     assert found[("0", 0)][1] == found[("0.7", 0)][1]  # same column
     assert found[("0.7", 0)][0] > found[("0", 0)][0]  # rescale 0.7 below 0
     assert found[("0", 1)][1] > found[("0", 0)][1]  # seed 1 right of seed 0
+
+
+def test_contact_sheet_writes_note_under_each_cell(tmp_path):
+    path = tmp_path / "cell.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(path)
+    cells = {("0", 0): path, ("0.7", 0): path}
+    plain = np.asarray(contact_sheet(cells, ["0", "0.7"], [0], "title"))
+    notes = {("0", 0): "sat 12.5%", ("0.7", 0): ""}
+    noted = np.asarray(contact_sheet(cells, ["0", "0.7"], [0], "title", notes))
+    assert noted.shape[0] > plain.shape[0]
+
+    red = np.all(noted == (255, 0, 0), axis=-1)
+    ys, xs = np.nonzero(red)
+    first_bottom = ys[ys < ys.min() + 32].max()
+    below_first = noted[first_bottom + 1 : first_bottom + 16, xs.min() : xs.max() + 1]
+    second_top = ys[ys > first_bottom + 1].min()
+    below_second = noted[second_top + 32 : second_top + 46, xs.min() : xs.max() + 1]
+    # Dark label pixels under the noted cell only.
+    assert (below_first.max(axis=-1) < 100).sum() > 10
+    assert (below_second.max(axis=-1) < 100).sum() == 0
+
+
+def test_saturation_note_formats_percent():
+    assert _saturation_note({"saturated_fraction": "0.1234"}) == "sat 12.3%"
+    assert _saturation_note({"saturated_fraction": "0"}) == "sat 0.0%"
+    assert _saturation_note({"saturated_fraction": "nan"}) == ""
+    assert _saturation_note({"saturated_fraction": ""}) == ""
 
 
 def test_results_csv_rows_parse_with_csv_module(tmp_path):
