@@ -63,7 +63,8 @@ def plot_saturation_vs_clip(
     axes.set_ylabel("CLIP image-text cosine (raw)")
     axes.set_title(title or "guidance rescale sweep (labels: rescale, * recommended)")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
+    # Below the axes, the legend cannot hide points or their error bars.
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     figure.tight_layout()
     with atomic_path(path) as tmp_path:
         figure.savefig(tmp_path, format="png")
