@@ -75,13 +75,6 @@ def check_latents_fit(
         )
 
 
-def scales_per_channel(config) -> bool:
-    """Return whether a VAE config has both latents_mean and latents_std."""
-    mean = getattr(config, "latents_mean", None)
-    std = getattr(config, "latents_std", None)
-    return mean is not None and std is not None
-
-
 def unscale_latents(
     latents: torch.Tensor,
     config,
@@ -94,9 +87,9 @@ def unscale_latents(
     latents_std (some SDXL fine-tunes) uses z * std / scaling_factor + mean instead.
     A shift_factor (SD3-style VAEs) is added after the division.
     """
-    if scales_per_channel(config):
-        mean = config.latents_mean
-        std = config.latents_std
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
         shape = (1, latents.shape[1], 1, 1)
         mean_tensor = torch.tensor(mean, dtype=latents.dtype).reshape(shape)
         std_tensor = torch.tensor(std, dtype=latents.dtype).reshape(shape)
@@ -338,13 +331,10 @@ def probe_vae(
         check_latents_fit(latents, vae, source, latents_name)
     check_dtypes_run(device, dtypes)
 
-    # A per-channel unscale changes the std in ways std / scaling_factor misses.
-    main_config = vaes[MAIN_VAE][0].config
-    vae_space = None
-    if scales_per_channel(main_config):
-        vae_space = unscale_latents(
-            latents.float(), main_config, scaling_factor, shift_factor
-        )
+    # Measured after the main VAE's own unscale, which may be per channel.
+    vae_space = unscale_latents(
+        latents.float(), vaes[MAIN_VAE][0].config, scaling_factor, shift_factor
+    )
     latent_stats = latent_statistics(latents, scaling_factor, vae_space)
 
     plan = plan_runs(dtypes, ALTERNATE_VAE in vaes)

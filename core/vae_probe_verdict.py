@@ -47,8 +47,7 @@ class LatentStats:
     scaling_factor: float
     expected_std: float = LATENT_EXPECTED_STD
     problems: list[str] = field(default_factory=list)
-    # Std of the latents the decoder receives, when measured after a per-channel
-    # unscale (latents_mean and latents_std in the VAE config).
+    # Std of the latents the decoder receives, measured after the pipeline's unscale.
     measured_vae_space_std: float | None = None
 
     @property
@@ -202,8 +201,9 @@ def latent_statistics(
 ) -> LatentStats:
     """Measure UNet-space latents and list what is extreme about them.
 
-    Pass `vae_space_latents` (the same latents after the pipeline's unscale) when the
-    VAE config scales per channel, so that their std is measured, not derived.
+    Pass `vae_space_latents` (the same latents after the pipeline's unscale) to
+    measure their std. Without them it is derived as std / scaling_factor, which is
+    wrong for VAE configs with per-channel latents_mean and latents_std.
     """
     finite = _finite_values(latents)
     nonfinite_count = latents.numel() - finite.numel()
