@@ -18,7 +18,7 @@ from rich.table import Table
 from renderqa.cli.common import report_errors, stderr_console, stdout_console
 from renderqa.core.atomic import check_output_file, write_text_atomic
 from renderqa.core.errors import InvalidInputError, OutputError, RenderQAError
-from renderqa.core.imageio import DEFAULT_MAX_PIXELS
+from renderqa.core.imageio import DEFAULT_MAX_PIXELS, check_max_pixels
 from renderqa.core.seams import (
     HORIZONTAL,
     VERTICAL,
@@ -110,8 +110,7 @@ def command(
 ) -> None:
     """Find tile seams; exit 0 when clean, 1 when seams are found, 2 on bad input."""
     settings, plan = _check_options(tile, overlap, scale, factor, jobs)
-    if max_pixels < 1:
-        raise InvalidInputError(f"--max-pixels {max_pixels} must be at least 1 pixel")
+    check_max_pixels(max_pixels)
     for option, target in (("--json", json_path), ("--csv", csv_path)):
         if target is not None:
             check_output_file(target, option)

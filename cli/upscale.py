@@ -15,7 +15,7 @@ from renderqa.core.atomic import check_output_folder
 from renderqa.core.blend import BLEND_WINDOWS, get_ramp
 from renderqa.core.devices import DTYPE_CHOICES, dtype_name, resolve_device
 from renderqa.core.errors import InvalidInputError, RenderQAError
-from renderqa.core.imageio import DEFAULT_MAX_PIXELS, load_image
+from renderqa.core.imageio import DEFAULT_MAX_PIXELS, check_max_pixels, load_image
 from renderqa.core.tiling import check_tile_plan
 from renderqa.core.upscale import TileSettings, check_settings
 from renderqa.core.upscale_image import (
@@ -151,8 +151,7 @@ def command(
 ) -> None:
     """Upscale images in feathered tiles so memory stays bounded at any size."""
     _check_options(tile, overlap, blend, tile_batch, dtype, fmt)
-    if max_pixels < 1:
-        raise InvalidInputError(f"--max-pixels {max_pixels} must be at least 1 pixel")
+    check_max_pixels(max_pixels)
     check_output_folder(out, "--out")
     settings = TileSettings(
         tile=tile, overlap=overlap, blend=blend, tile_batch=tile_batch

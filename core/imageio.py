@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from renderqa.core.atomic import atomic_path
 from renderqa.core.canvas import discard_rows
-from renderqa.core.errors import ImageReadError
+from renderqa.core.errors import ImageReadError, InvalidInputError
 
 # Pillow's own default limit (about 89.5 megapixels) warns rather than fails below
 # twice that; renderqa fails at the limit so a decompression bomb never decodes.
@@ -50,6 +50,12 @@ class LoadedImage:
     @property
     def width(self) -> int:
         return self.pixels.shape[1]
+
+
+def check_max_pixels(max_pixels: int) -> None:
+    """Raise InvalidInputError unless the --max-pixels value is at least 1."""
+    if max_pixels < 1:
+        raise InvalidInputError(f"--max-pixels {max_pixels} must be at least 1 pixel")
 
 
 @contextmanager
